@@ -1,0 +1,668 @@
+"""The Peer: one STOMP connection over any ``trio.abc.Stream``, on either side.
+
+This module owns the I/O of a connection: a *reader* task (bytes → :class:`FrameParser` →
+batches of frames on a bounded memory channel), a *writer* task (a byte-bounded outbound
+buffer → one ``send_all`` per batch) and the heart-beat timer (sending EOLs when we have been
+silent, declaring the link dead when the peer has been). It is used by the client and by the
+broker alike. It never interprets frames (no negotiation, no receipts, no subscriptions: those
+belong to the client and the broker) and it never lets a bare ``OSError``,
+``trio.BrokenResourceError`` or a lone-exception ``ExceptionGroup`` out: errors surface as
+:class:`ConnectionLost`, :class:`HeartbeatTimeout` or :class:`RemoteProtocolError`.
+
+The hot path
+------------
+- Inbound: one ``receive_some(65536)``, one ``parser.feed`` per chunk, and everything that
+  chunk completed goes over the channel as *one* list (``receive_batch()``). There is no
+  await per frame.
+- Outbound: ``send``/``send_bytes`` append encoded bytes to a list and wake the writer; the
+  writer takes *all* pending bytes and writes them with one ``send_all``. Only the writer ever
+  calls ``send_all``: a cancelled or failed write may have written part of a frame, so it breaks
+  the peer (:class:`ConnectionLost` on every later send) instead of leaving it half-written.
+
+Bounds and back-pressure
+------------------------
+- Outbound is bounded in *bytes*: ``send`` waits while ``max_send_buffer`` bytes or more are
+  queued (and ``*_nowait`` raises ``trio.WouldBlock``). One frame is always accepted into a
+  buffer below the bound, so a frame larger than the bound still goes out. At most
+  ``max_send_buffer`` (plus one frame) is queued while the writer has one batch in flight.
+- Inbound is bounded in *batches* (``max_receive_batches`` lists, each at most one 64 KiB
+  chunk's frames). When the channel is full the reader stops reading, TCP's window fills and
+  the remote sender is pushed back.
+
+Heart-beats and our own stalls
+------------------------------
+``set_heart_beat(send_every_ms, expect_every_ms)`` turns heart-beating on. We write one EOL
+when nothing was written for ``send_every_ms``. The watchdog declares the link dead
+(:class:`HeartbeatTimeout`) when no byte arrived for ``expect_every_ms * heart_beat_tolerance``.
+
+The trap (see trio-websocket's back-pressure notes) is a slow application: when nobody drains
+the inbound channel, the reader stops reading, and the peer's heart-beats sit unread in the
+kernel. We do **not** keep reading into an unbounded buffer to see them. Instead, while the
+reader is blocked on a full inbound channel it is *stalled*, and the watchdog is suspended:
+the silence is ours, not the peer's (we know it sent data: we hold a full batch of it). When
+the application catches up, the reader resumes, and the peer gets a fresh
+``expect_every_ms * tolerance`` window from that moment. A dead link that was hidden behind
+our own stall is therefore detected at most one window after we start reading again. The
+heart-beat *sender* is independent of the reader and keeps beating during the stall, so the
+peer does not drop us either.
+
+By default each peer runs a small heart-beat task. A server with thousands of connections may
+pass ``run_heart_beat_timer=False`` and call :meth:`Peer.check_heart_beat` from one shared
+ticker instead.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections import deque
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any, NoReturn
+
+import attrs
+import trio
+
+from ._codec import FrameParser, serialize
+from ._errors import ConnectionLost, HeartbeatTimeout, RemoteProtocolError, StompError
+from ._frames import Frame
+from ._util import unwrap_lone_exception
+
+__all__ = ["Peer", "PeerStatistics", "open_peer"]
+
+#: Bytes asked of the stream per read.
+RECEIVE_SIZE = 65536
+
+_STREAM_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
+
+
+@attrs.frozen
+class PeerStatistics:
+    """A snapshot of one peer's counters, from :meth:`Peer.statistics`.
+
+    Attributes:
+      bytes_in: bytes read from the stream (heart-beats included).
+      bytes_out: bytes written to the stream (heart-beats included).
+      frames_in: frames received (heart-beats excluded).
+      frames_out: frames queued for sending (``send_bytes(..., frames=n)`` counts ``n``).
+      heart_beats_out: heart-beat EOLs we queued.
+      send_buffer_used: bytes queued and not yet handed to the writer's ``send_all``.
+      receive_batches_buffered: batches the reader parsed that nobody has received yet.
+      reader_stalled: the reader is waiting for the application to drain the inbound channel.
+    """
+
+    bytes_in: int
+    bytes_out: int
+    frames_in: int
+    frames_out: int
+    heart_beats_out: int
+    send_buffer_used: int
+    receive_batches_buffered: int
+    reader_stalled: bool
+
+
+@attrs.define(eq=False, init=False)
+class Peer:
+    """One STOMP connection. Made by :func:`open_peer`, never directly.
+
+    Safe to share between tasks: several tasks may send at once (frames are never interleaved:
+    each ``send`` queues whole frames) and several may receive (each frame goes to exactly one).
+    """
+
+    _stream: trio.abc.Stream
+    _parser: FrameParser
+    _version: str
+    _send_limit: int
+    _tolerance: float
+    _run_timer: bool
+    # outbound
+    _pending: list[bytes]
+    _pending_bytes: int
+    _enqueued_total: int
+    _written_total: int
+    _writing: bool
+    _writer_wake: trio.Event
+    _space: trio.Event
+    _progress: trio.Event
+    _send_error: StompError | None
+    # inbound
+    _batches_in: trio.MemorySendChannel[list[Frame]]
+    _batches_out: trio.MemoryReceiveChannel[list[Frame]]
+    _inbox: deque[Frame]
+    _receive_error: StompError | None
+    _reader_stalled: bool
+    # heart-beats
+    _send_every: float
+    _expect_every: float
+    _last_sent: float
+    _last_received: float
+    _timer_started: bool
+    _timer_sleep: trio.CancelScope | None
+    # lifetime
+    _io_nursery: trio.Nursery | None
+    _closed: bool
+    # counters
+    _bytes_in: int
+    _bytes_out: int
+    _frames_in: int
+    _frames_out: int
+    _heart_beats_out: int
+
+    def __init__(
+        self,
+        stream: trio.abc.Stream,
+        *,
+        version: str,
+        max_receive_batches: int,
+        max_send_buffer: int,
+        heart_beat_tolerance: float,
+        run_heart_beat_timer: bool,
+        parser_limits: dict[str, Any],
+    ) -> None:
+        if max_send_buffer < 1:
+            raise ValueError(f"max_send_buffer must be >= 1, not {max_send_buffer}")
+        if heart_beat_tolerance < 1.0:
+            raise ValueError(f"heart_beat_tolerance must be >= 1.0, not {heart_beat_tolerance}")
+        self._stream = stream
+        self._parser = FrameParser(version, **parser_limits)
+        self._version = version
+        self._send_limit = max_send_buffer
+        self._tolerance = heart_beat_tolerance
+        self._run_timer = run_heart_beat_timer
+        self._pending = []
+        self._pending_bytes = 0
+        self._enqueued_total = 0
+        self._written_total = 0
+        self._writing = False
+        self._writer_wake = trio.Event()
+        self._space = trio.Event()
+        self._progress = trio.Event()
+        self._send_error = None
+        self._batches_in, self._batches_out = trio.open_memory_channel[list[Frame]](
+            max_receive_batches
+        )
+        # Frames of a batch that ``receive()`` split: at most one batch, so bounded.
+        self._inbox = deque()
+        self._receive_error = None
+        self._reader_stalled = False
+        now = trio.current_time()
+        self._send_every = 0.0
+        self._expect_every = 0.0
+        self._last_sent = now
+        self._last_received = now
+        self._timer_started = False
+        self._timer_sleep = None
+        self._io_nursery = None
+        self._closed = False
+        self._bytes_in = self._bytes_out = 0
+        self._frames_in = self._frames_out = self._heart_beats_out = 0
+
+    # ----------------------------------------------------------------- properties
+
+    @property
+    def stream(self) -> trio.abc.Stream:
+        """The underlying stream (do not read from or write to it directly)."""
+        return self._stream
+
+    @property
+    def version(self) -> str:
+        """The protocol version used to escape and unescape headers in both directions."""
+        return self._version
+
+    @version.setter
+    def version(self, version: str) -> None:
+        self._parser.version = version  # validates
+        self._version = version
+
+    @property
+    def last_received(self) -> float:
+        """``trio.current_time()`` when the last byte arrived (or the reader last resumed)."""
+        return self._last_received
+
+    @property
+    def heart_beat(self) -> tuple[int, int]:
+        """The current ``(send_every_ms, expect_every_ms)``; 0 means off."""
+        return (round(self._send_every * 1000), round(self._expect_every * 1000))
+
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`aclose` started or the peer was torn down."""
+        return self._closed
+
+    def statistics(self) -> PeerStatistics:
+        """Return a snapshot of this peer's counters. Never blocks."""
+        return PeerStatistics(
+            bytes_in=self._bytes_in,
+            bytes_out=self._bytes_out,
+            frames_in=self._frames_in,
+            frames_out=self._frames_out,
+            heart_beats_out=self._heart_beats_out,
+            send_buffer_used=self._pending_bytes,
+            receive_batches_buffered=self._batches_out.statistics().current_buffer_used,
+            reader_stalled=self._reader_stalled,
+        )
+
+    # ----------------------------------------------------------------- sending
+
+    def _raise_if_cannot_send(self) -> None:
+        if self._send_error is not None:
+            _reraise(self._send_error)
+
+    def _enqueue(self, data: bytes, frames: int) -> None:
+        self._pending.append(data)
+        n = len(data)
+        self._pending_bytes += n
+        self._enqueued_total += n
+        self._frames_out += frames
+        self._writer_wake.set()
+
+    async def send(self, frame: Frame) -> None:
+        """Serialize ``frame`` for the current version and queue it for writing.
+
+        Blocks while ``max_send_buffer`` bytes or more are queued (back-pressure from a slow
+        stream). Returning means *queued*, not written: use :meth:`flush` to wait for the
+        write. Cancellation-atomic: if cancelled, nothing was queued.
+
+        Raises:
+          LocalProtocolError: the frame cannot be encoded in this version.
+          ConnectionLost: the connection is closed or broken (:class:`HeartbeatTimeout` when
+            the watchdog declared it dead).
+        """
+        await self.send_bytes(serialize(frame, self._version))
+
+    def send_nowait(self, frame: Frame) -> None:
+        """Like :meth:`send`, but raise ``trio.WouldBlock`` instead of waiting for room."""
+        self.send_bytes_nowait(serialize(frame, self._version))
+
+    async def send_bytes(self, data: bytes, *, frames: int = 1) -> None:
+        """Queue already-encoded frames (``frames`` of them, for the statistics).
+
+        The caller vouches that ``data`` holds whole frames encoded for :attr:`version`.
+        Blocks, raises and is cancellation-atomic like :meth:`send`.
+        """
+        await trio.lowlevel.checkpoint_if_cancelled()
+        self._raise_if_cannot_send()
+        if self._pending_bytes < self._send_limit:
+            self._enqueue(data, frames)
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            return
+        while True:
+            await self._space.wait()
+            self._raise_if_cannot_send()
+            if self._pending_bytes < self._send_limit:
+                self._enqueue(data, frames)
+                return
+
+    def send_bytes_nowait(self, data: bytes, *, frames: int = 1) -> None:
+        """Like :meth:`send_bytes`, but raise ``trio.WouldBlock`` instead of waiting.
+
+        Raises:
+          trio.WouldBlock: ``max_send_buffer`` bytes or more are already queued.
+          ConnectionLost: the connection is closed or broken.
+        """
+        self._raise_if_cannot_send()
+        if self._pending_bytes >= self._send_limit:
+            raise trio.WouldBlock
+        self._enqueue(data, frames)
+
+    async def flush(self) -> None:
+        """Wait until every byte queued before this call was handed to the stream.
+
+        Blocks as long as the stream does not accept the bytes; bound it with the caller's
+        cancel scope.
+
+        Raises:
+          ConnectionLost: the connection broke before everything was written.
+        """
+        await trio.lowlevel.checkpoint_if_cancelled()
+        target = self._enqueued_total
+        if self._written_total >= target:
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            return
+        while self._written_total < target:
+            self._raise_if_cannot_send()
+            await self._progress.wait()
+
+    async def _writer(self) -> None:
+        stream = self._stream
+        while True:
+            if not self._pending:
+                self._writer_wake = trio.Event()
+                await self._writer_wake.wait()
+                continue
+            pending = self._pending
+            data = pending[0] if len(pending) == 1 else b"".join(pending)
+            n = self._pending_bytes
+            self._pending = []
+            self._pending_bytes = 0
+            self._space.set()
+            self._space = trio.Event()
+            self._writing = True
+            written = False
+            try:
+                await stream.send_all(data)
+                written = True
+            except _STREAM_ERRORS as exc:
+                self._break_send(_lost(exc), exc)
+                return
+            finally:
+                self._writing = False
+                if not written:
+                    # Cancelled mid-write: part of a frame may be on the wire.
+                    self._break_send(ConnectionLost("connection closed while writing"), None)
+            self._written_total += n
+            self._bytes_out += n
+            self._last_sent = trio.current_time()
+            self._progress.set()
+            self._progress = trio.Event()
+
+    def _break_send(self, error: StompError, cause: BaseException | None) -> None:
+        if self._send_error is None:
+            if cause is not None:
+                error.__cause__ = cause
+            self._send_error = error
+        # Wake everyone waiting for room or progress: they will see the error.
+        self._space.set()
+        self._progress.set()
+        self._pending = []
+        self._pending_bytes = 0
+
+    # ----------------------------------------------------------------- receiving
+
+    async def receive(self) -> Frame:
+        """Return the next frame from the peer (heart-beats are filtered out).
+
+        Blocks until a frame arrives. Cancellation-atomic: if cancelled, no frame was lost.
+        Frames that arrived before the connection ended are delivered first.
+
+        Raises:
+          ConnectionLost: the peer closed the connection ("peer closed the connection"), the
+            stream broke, or we closed it.
+          HeartbeatTimeout: the watchdog declared the link dead.
+          RemoteProtocolError: the peer sent something that is not STOMP.
+        """
+        await trio.lowlevel.checkpoint_if_cancelled()
+        if self._inbox:
+            frame = self._inbox.popleft()
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            return frame
+        batch = await self._receive_from_channel()
+        if len(batch) > 1:
+            self._inbox.extend(batch)
+            return self._inbox.popleft()
+        return batch[0]
+
+    async def receive_batch(self) -> list[Frame]:
+        """Return every frame that one received chunk held (at least one frame).
+
+        This is the hot path's receive: one await per chunk, not per frame. Blocks, raises and
+        is cancellation-atomic like :meth:`receive`.
+        """
+        await trio.lowlevel.checkpoint_if_cancelled()
+        if self._inbox:
+            batch = list(self._inbox)
+            self._inbox.clear()
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            return batch
+        return await self._receive_from_channel()
+
+    async def _receive_from_channel(self) -> list[Frame]:
+        try:
+            return await self._batches_out.receive()
+        except (trio.EndOfChannel, trio.ClosedResourceError):
+            pass
+        error = self._receive_error
+        if error is None:
+            error = self._send_error or ConnectionLost("connection closed")
+        _reraise(error)
+
+    def __aiter__(self) -> Peer:
+        return self
+
+    async def __anext__(self) -> Frame:
+        """``async for frame in peer``: :meth:`receive` in a loop; raises what it raises."""
+        return await self.receive()
+
+    async def _reader(self) -> None:
+        stream = self._stream
+        parser = self._parser
+        with self._batches_in as channel:
+            while True:
+                try:
+                    data = await stream.receive_some(RECEIVE_SIZE)
+                except _STREAM_ERRORS as exc:
+                    self._fail_receive(_lost(exc), exc)
+                    return
+                self._last_received = trio.current_time()
+                if data.__class__ is not bytes:
+                    data = bytes(data)  # e.g. a bytearray from a memory stream
+                try:
+                    events = parser.feed(data)
+                except RemoteProtocolError as exc:
+                    self._fail_receive(exc, None)
+                    return
+                if not data:
+                    self._fail_receive(ConnectionLost("peer closed the connection"), None)
+                    return
+                self._bytes_in += len(data)
+                frames = [event for event in events if isinstance(event, Frame)]
+                if not frames:
+                    continue
+                self._frames_in += len(frames)
+                try:
+                    channel.send_nowait(frames)
+                except trio.WouldBlock:
+                    # The application is behind: stop reading (TCP pushes back) and suspend
+                    # the watchdog, as the module docstring explains.
+                    self._reader_stalled = True
+                    try:
+                        await channel.send(frames)
+                    except trio.BrokenResourceError:
+                        return
+                    finally:
+                        self._reader_stalled = False
+                        self._last_received = trio.current_time()
+                except trio.BrokenResourceError:
+                    return
+
+    def _fail_receive(self, error: StompError, cause: BaseException | None) -> None:
+        if self._receive_error is None:
+            if cause is not None:
+                error.__cause__ = cause
+            self._receive_error = error
+
+    # ----------------------------------------------------------------- heart-beats
+
+    def set_heart_beat(self, send_every_ms: int, expect_every_ms: int) -> None:
+        """Start, replace or stop (``0, 0``) heart-beating. Never blocks.
+
+        ``send_every_ms``: write an EOL whenever nothing was written for that long.
+        ``expect_every_ms``: declare the link dead (:class:`HeartbeatTimeout`, raised by every
+        later :meth:`receive` and :meth:`send`) when nothing arrived for that long times
+        ``heart_beat_tolerance``. The watchdog's clock starts now.
+        """
+        if send_every_ms < 0 or expect_every_ms < 0:
+            raise ValueError("heart-beat intervals must be >= 0")
+        self._send_every = send_every_ms / 1000
+        self._expect_every = expect_every_ms / 1000
+        now = trio.current_time()
+        self._last_received = max(self._last_received, now)
+        if not self._run_timer:
+            return
+        if self._timer_sleep is not None:
+            self._timer_sleep.cancel()
+        elif (
+            not self._timer_started
+            and (send_every_ms or expect_every_ms)
+            and self._io_nursery is not None
+        ):
+            self._timer_started = True
+            self._io_nursery.start_soon(self._heart_beat_timer)
+
+    def check_heart_beat(self, now: float | None = None) -> float:
+        """Do the heart-beat work due at ``now`` and return when it is next due.
+
+        Queues an EOL when we have been silent for ``send_every_ms``; breaks the peer with
+        :class:`HeartbeatTimeout` when the peer has been silent too long. Returns the
+        ``trio.current_time()`` at which to call again (``math.inf``: never). Called by the
+        peer's own timer task, or by a shared ticker when ``run_heart_beat_timer=False``.
+        Never blocks.
+        """
+        if now is None:
+            now = trio.current_time()
+        if self._closed or self._send_error is not None:
+            return math.inf
+        deadline = math.inf
+        if self._expect_every:
+            window = self._expect_every * self._tolerance
+            if self._reader_stalled:
+                deadline = now + window
+            else:
+                limit = self._last_received + window
+                if now >= limit:
+                    self._die(
+                        HeartbeatTimeout(
+                            f"no heart-beat from the peer for {now - self._last_received:.3f} s "
+                            f"(expected one every {self._expect_every:.3f} s, tolerance "
+                            f"x{self._tolerance:g})"
+                        )
+                    )
+                    return math.inf
+                deadline = limit
+        if self._send_every:
+            due = self._last_sent + self._send_every
+            if now >= due:
+                if not self._pending and not self._writing:
+                    self._enqueue(b"\n", 0)
+                    self._heart_beats_out += 1
+                due = now + self._send_every
+            deadline = min(deadline, due)
+        return deadline
+
+    async def _heart_beat_timer(self) -> None:
+        while True:
+            deadline = self.check_heart_beat()
+            with trio.CancelScope(deadline=deadline) as self._timer_sleep:
+                await trio.sleep_forever()
+            self._timer_sleep = None
+
+    # ----------------------------------------------------------------- lifetime
+
+    def _die(self, error: StompError) -> None:
+        """Break both directions with ``error`` and stop the I/O tasks. Never blocks."""
+        self._fail_receive(error, None)
+        self._break_send(error, None)
+        if self._io_nursery is not None:
+            self._io_nursery.cancel_scope.cancel()
+
+    async def _run_io(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        try:
+            async with trio.open_nursery() as nursery:
+                self._io_nursery = nursery
+                nursery.start_soon(self._reader)
+                nursery.start_soon(self._writer)
+                task_status.started()
+        finally:
+            self._io_nursery = None
+
+    def _shut(self) -> None:
+        self._closed = True
+        self._die(ConnectionLost("connection closed"))
+
+    async def aclose(self) -> None:
+        """Flush what is queued, then close the stream. Idempotent.
+
+        The flush waits for the stream to accept the bytes: bound it with the caller's cancel
+        scope (if cancelled, the stream is closed forcefully). Never raises
+        :class:`ConnectionLost` (a broken connection is simply closed).
+        """
+        if self._closed:
+            await trio.lowlevel.checkpoint()
+            return
+        flushed = False
+        try:
+            try:
+                await self.flush()
+                flushed = True
+            except ConnectionLost:
+                pass
+        finally:
+            self._shut()
+            if flushed:
+                try:
+                    await self._stream.aclose()
+                except _STREAM_ERRORS:
+                    pass
+            else:
+                await trio.aclose_forcefully(self._stream)
+
+
+def _lost(exc: BaseException) -> ConnectionLost:
+    if isinstance(exc, trio.ClosedResourceError):
+        return ConnectionLost("connection closed")
+    return ConnectionLost(f"connection broken: {exc!r}")
+
+
+def _reraise(error: StompError) -> NoReturn:
+    # A fresh copy per raise, so tracebacks do not pile up on one shared instance; the
+    # original (with its own cause and traceback) is chained for the reader.
+    raise copy.copy(error) from error
+
+
+@asynccontextmanager
+async def open_peer(
+    stream: trio.abc.Stream,
+    *,
+    version: str = "1.2",
+    max_receive_batches: int = 4,
+    max_send_buffer: int = 1 << 20,
+    heart_beat_tolerance: float = 2.0,
+    run_heart_beat_timer: bool = True,
+    **parser_limits: Any,
+) -> AsyncIterator[Peer]:
+    """Run a :class:`Peer` over ``stream`` for the duration of the block.
+
+    Args:
+      stream: any ``trio.abc.Stream`` (TCP, TLS, a memory stream, a WebSocket adapter).
+        The peer owns it from now on and closes it on exit.
+      version: the protocol version for escaping in both directions; set
+        :attr:`Peer.version` after negotiation.
+      max_receive_batches: capacity of the inbound channel, in batches (one batch = the
+        frames of one received chunk of at most 64 KiB).
+      max_send_buffer: bound of the outbound buffer, in bytes.
+      heart_beat_tolerance: the watchdog fires after ``expect_every_ms`` times this.
+      run_heart_beat_timer: run a heart-beat task for this peer (default); pass ``False`` to
+        drive :meth:`Peer.check_heart_beat` from a shared ticker.
+      **parser_limits: ``max_line_length``, ``max_headers``, ``max_body_size``,
+        ``max_frame_size`` for :class:`FrameParser`.
+
+    Resource handling: on normal exit the peer flushes what is queued (bounded by the
+    caller's cancel scope) and closes the stream; on exit by exception the stream is closed
+    forcefully. The reader, writer and timer tasks never outlive the block.
+
+    Error handling: connection failures are reported by :meth:`Peer.receive` /
+    :meth:`Peer.send` as trio_stomp exceptions, never raised out of the block by themselves.
+    An exception raised in the block propagates as itself (not wrapped in an
+    ``ExceptionGroup``).
+    """
+    with unwrap_lone_exception():
+        async with trio.open_nursery() as nursery:
+            peer = Peer(
+                stream,
+                version=version,
+                max_receive_batches=max_receive_batches,
+                max_send_buffer=max_send_buffer,
+                heart_beat_tolerance=heart_beat_tolerance,
+                run_heart_beat_timer=run_heart_beat_timer,
+                parser_limits=parser_limits,
+            )
+            await nursery.start(peer._run_io)
+            try:
+                yield peer
+            except BaseException:
+                peer._shut()
+                await trio.aclose_forcefully(stream)
+                raise
+            await peer.aclose()

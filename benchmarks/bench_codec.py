@@ -1,0 +1,127 @@
+"""Codec throughput: parse and serialize, small frames and 1 MiB bodies.
+
+Run: ``python benchmarks/bench_codec.py`` (or ``nox -s bench``). Prints a table; it
+asserts nothing: figures are for people and for the regression guard, not for CI.
+
+Small frames: a SEND with five headers and a 100-byte body, fed in 64 KiB chunks (as
+the peer's reader does). "parse+headers" also reads the headers a broker needs
+(destination, receipt, transaction, id), which decodes them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+
+from trio_stomp import Frame, FrameParser, serialize
+
+SMALL = Frame(
+    "SEND",
+    [
+        ("destination", "/queue/bench"),
+        ("content-type", "text/plain"),
+        ("receipt", "r-1"),
+        ("persistent", "true"),
+        ("x-custom", "some value"),
+    ],
+    b"x" * 100,
+)
+LARGE = Frame("SEND", [("destination", "/queue/bench")], bytes(range(256)) * 4096)
+
+
+def best_of(repeat: int, fn: Callable[[], int]) -> tuple[float, int]:
+    best = float("inf")
+    count = 0
+    for _ in range(repeat):
+        start = time.perf_counter()
+        count = fn()
+        best = min(best, time.perf_counter() - start)
+    return best, count
+
+
+def chunks(data: bytes, size: int) -> list[bytes]:
+    return [data[i : i + size] for i in range(0, len(data), size)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--frames", type=int, default=200_000)
+    parser.add_argument("--large", type=int, default=200)
+    parser.add_argument("--repeat", type=int, default=5)
+    args = parser.parse_args()
+
+    small_wire = serialize(SMALL)
+    stream = chunks(small_wire * args.frames, 65536)
+    large_wire = serialize(LARGE)
+    large_stream = chunks(large_wire * args.large, 65536)
+
+    def parse_small() -> int:
+        p = FrameParser()
+        n = 0
+        for chunk in stream:
+            n += len(p.feed(chunk))
+        return n
+
+    def parse_small_headers() -> int:
+        p = FrameParser()
+        n = 0
+        for chunk in stream:
+            for frame in p.feed(chunk):
+                h = frame.headers  # type: ignore[union-attr]
+                h.get("destination"), h.get("receipt"), h.get("transaction"), h.get("id")
+                n += 1
+        return n
+
+    def serialize_small() -> int:
+        for _ in range(args.frames):
+            serialize(SMALL)
+        return int(args.frames)
+
+    def parse_large() -> int:
+        p = FrameParser()
+        n = 0
+        for chunk in large_stream:
+            n += len(p.feed(chunk))
+        return n
+
+    def parse_large_whole() -> int:
+        p = FrameParser()
+        n = 0
+        for _ in range(args.large):
+            n += len(p.feed(large_wire))
+        return n
+
+    def serialize_large() -> int:
+        for _ in range(args.large):
+            serialize(LARGE)
+        return int(args.large)
+
+    rows: list[tuple[str, str]] = []
+    for name, fn in [
+        ("parse small (framing)", parse_small),
+        ("parse small + broker headers", parse_small_headers),
+        ("serialize small", serialize_small),
+    ]:
+        seconds, count = best_of(args.repeat, fn)
+        assert count == args.frames, (name, count)
+        rows.append((name, f"{count / seconds:,.0f} frames/s"))
+    mib = len(LARGE.body) / 1e6
+    for name, fn in [
+        ("parse 1 MiB body, 64 KiB chunks", parse_large),
+        ("parse 1 MiB body, whole frame", parse_large_whole),
+        ("serialize 1 MiB body", serialize_large),
+    ]:
+        seconds, count = best_of(args.repeat, fn)
+        assert count == args.large, (name, count)
+        rows.append((name, f"{count * mib / seconds / 1000:,.2f} GB/s"))
+
+    width = max(len(name) for name, _ in rows)
+    print(f"{'codec benchmark':<{width}}  result")
+    print(f"{'-' * width}  {'-' * 20}")
+    for name, value in rows:
+        print(f"{name:<{width}}  {value}")
+
+
+if __name__ == "__main__":
+    main()

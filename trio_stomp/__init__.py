@@ -1,0 +1,44 @@
+"""trio_stomp: a STOMP 1.0/1.1/1.2 client library and message broker for Trio.
+
+This module holds the public names only; everything else lives in private modules.
+The broker lives in :mod:`trio_stomp.broker`.
+"""
+
+from ._codec import FrameParser, serialize
+from ._errors import (
+    BrokerError,
+    ConnectionLost,
+    HeartbeatTimeout,
+    LocalProtocolError,
+    ProtocolError,
+    RemoteProtocolError,
+    StompError,
+)
+from ._frames import HEARTBEAT, Command, Frame, Headers, Heartbeat
+from ._negotiation import SUPPORTED_VERSIONS, choose_version, negotiate_heart_beat
+from ._peer import Peer, PeerStatistics, open_peer
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "HEARTBEAT",
+    "SUPPORTED_VERSIONS",
+    "BrokerError",
+    "Command",
+    "ConnectionLost",
+    "Frame",
+    "FrameParser",
+    "Headers",
+    "Heartbeat",
+    "HeartbeatTimeout",
+    "LocalProtocolError",
+    "Peer",
+    "PeerStatistics",
+    "ProtocolError",
+    "RemoteProtocolError",
+    "StompError",
+    "choose_version",
+    "negotiate_heart_beat",
+    "open_peer",
+    "serialize",
+]

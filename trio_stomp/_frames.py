@@ -1,0 +1,286 @@
+"""STOMP frames as immutable values.
+
+This module owns :class:`Frame`, :class:`Headers`, :class:`Heartbeat` and the command
+names. It never touches bytes on the wire (that is ``_codec``) and never imports trio.
+
+Headers follow the spec's rule for repeats: ``headers[name]`` is the *first* value sent
+under that name; the later ones are kept, in order, in :attr:`Headers.raw` for a peer that
+needs the exact list.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Final, Union, final
+
+import attrs
+
+from ._errors import RemoteProtocolError
+
+__all__ = [
+    "CLIENT_COMMANDS",
+    "SERVER_COMMANDS",
+    "Command",
+    "Frame",
+    "Headers",
+    "HeadersLike",
+    "Heartbeat",
+]
+
+
+class Command:
+    """The STOMP command names, spelled as on the wire (commands are case-sensitive)."""
+
+    # client frames
+    CONNECT: Final = "CONNECT"
+    STOMP: Final = "STOMP"
+    SEND: Final = "SEND"
+    SUBSCRIBE: Final = "SUBSCRIBE"
+    UNSUBSCRIBE: Final = "UNSUBSCRIBE"
+    ACK: Final = "ACK"
+    NACK: Final = "NACK"
+    BEGIN: Final = "BEGIN"
+    COMMIT: Final = "COMMIT"
+    ABORT: Final = "ABORT"
+    DISCONNECT: Final = "DISCONNECT"
+    # server frames
+    CONNECTED: Final = "CONNECTED"
+    MESSAGE: Final = "MESSAGE"
+    RECEIPT: Final = "RECEIPT"
+    ERROR: Final = "ERROR"
+
+
+CLIENT_COMMANDS: Final = frozenset(
+    {
+        "CONNECT",
+        "STOMP",
+        "SEND",
+        "SUBSCRIBE",
+        "UNSUBSCRIBE",
+        "ACK",
+        "NACK",
+        "BEGIN",
+        "COMMIT",
+        "ABORT",
+        "DISCONNECT",
+    }
+)
+SERVER_COMMANDS: Final = frozenset({"CONNECTED", "MESSAGE", "RECEIPT", "ERROR"})
+
+
+@final
+class Headers(Mapping[str, str]):
+    """A read-only, ordered view of a frame's headers.
+
+    ``headers[name]`` and ``headers.get(name)`` return the first value sent under ``name``.
+    Iteration yields each distinct name once, in order of first appearance.
+    :attr:`raw` holds every ``(name, value)`` pair as sent, repeats included.
+
+    Headers that came from the parser are decoded lazily: looking up one name scans the
+    received header block for it, and the full list is built only when something asks
+    for it (iteration, :attr:`raw`, ``len``, equality). A header line without a colon is
+    reported then, as :class:`~trio_stomp.RemoteProtocolError`.
+    """
+
+    __slots__ = ("_block", "_first", "_raw")
+
+    _raw: tuple[tuple[str, str], ...] | None
+    _first: dict[str, str] | None
+    # Undecoded header lines, each preceded by "\n" (CRs of CRLF line ends removed);
+    # set only while the headers have not been decoded, and only when no escape occurs.
+    _block: str | None
+
+    def __init__(self, headers: HeadersLike = ()) -> None:
+        if isinstance(headers, Headers):
+            raw = headers.raw
+        elif isinstance(headers, Mapping):
+            raw = tuple(headers.items())
+        else:
+            raw = tuple((name, value) for name, value in headers)
+        first: dict[str, str] = {}
+        for name, value in raw:
+            if not isinstance(name, str) or not isinstance(value, str):
+                raise TypeError(f"header names and values must be str, not {name!r}: {value!r}")
+            first.setdefault(name, value)
+        self._raw = raw
+        self._first = first
+        self._block = None
+
+    @classmethod
+    def _from_pairs(cls, raw: tuple[tuple[str, str], ...], first: dict[str, str]) -> Headers:
+        # The parser's constructor for decoded headers: the types are known to be right.
+        self = object.__new__(cls)
+        self._raw = raw
+        self._first = first
+        self._block = None
+        return self
+
+    @classmethod
+    def _from_block(cls, block: str) -> Headers:
+        # The parser's lazy constructor: ``block`` is "\nname:value\nname:value...", with
+        # no escape sequences in it (the parser decodes those eagerly).
+        self = object.__new__(cls)
+        self._raw = None
+        self._first = None
+        self._block = block
+        return self
+
+    def _decode(self) -> dict[str, str]:
+        block = self._block
+        assert block is not None
+        raw = []
+        first: dict[str, str] = {}
+        for line in block[1:].split("\n") if block else ():
+            name, colon, value = line.partition(":")
+            if not colon:
+                raise RemoteProtocolError(f"header line without a colon: {line[:80]!r}")
+            raw.append((name, value))
+            if name not in first:
+                first[name] = value
+        self._raw = tuple(raw)
+        self._first = first
+        self._block = None
+        return first
+
+    @property
+    def raw(self) -> tuple[tuple[str, str], ...]:
+        """Every ``(name, value)`` pair in the order it was given, repeats included."""
+        if self._raw is None:
+            self._decode()
+            assert self._raw is not None
+        return self._raw
+
+    def get(self, name: str, default: str | None = None) -> str | None:  # type: ignore[override]
+        block = self._block
+        if block is None or "\n" in name or ":" in name:
+            first = self._first if self._first is not None else self._decode()
+            return first.get(name, default)
+        start = block.find(f"\n{name}:")
+        if start < 0:
+            return default
+        start += len(name) + 2
+        end = block.find("\n", start)
+        return block[start:] if end < 0 else block[start:end]
+
+    def __getitem__(self, name: str) -> str:
+        value = self.get(name)
+        if value is None:
+            raise KeyError(name)
+        return value
+
+    def __contains__(self, name: object) -> bool:
+        if not isinstance(name, str):
+            return False
+        return self.get(name) is not None
+
+    def _mapping(self) -> dict[str, str]:
+        return self._first if self._first is not None else self._decode()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._mapping())
+
+    def __len__(self) -> int:
+        return len(self._mapping())
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Headers):
+            return self.raw == other.raw
+        if isinstance(other, Mapping):
+            return self._mapping() == dict(other.items())
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(self.raw)
+
+    def __repr__(self) -> str:
+        return f"Headers({list(self.raw)!r})"
+
+
+HeadersLike = Union[Headers, Mapping[str, str], Iterable[tuple[str, str]]]
+
+
+@final
+class Frame:
+    """One STOMP frame: a command, headers and a body.
+
+    Attributes:
+      command (str): the command, e.g. ``"SEND"`` (case-sensitive, as on the wire).
+      headers (Headers): the headers; ``headers[name]`` is the first value sent under
+        ``name`` and ``headers.raw`` keeps every pair in order.
+      body (bytes): the body, which may contain NULs (``serialize`` then writes a
+        ``content-length``).
+
+    Frames are immutable and compare equal when command, header pairs and body are equal.
+    ``headers`` may be given as a mapping or as an iterable of ``(name, value)`` pairs.
+    """
+
+    __slots__ = ("body", "command", "headers")
+
+    command: str
+    headers: Headers
+    body: bytes
+
+    def __init__(self, command: str, headers: HeadersLike = (), body: bytes = b"") -> None:
+        if not isinstance(command, str):
+            raise TypeError(f"command must be str, not {type(command).__name__}")
+        if not isinstance(body, (bytes, bytearray, memoryview)):
+            raise TypeError(f"body must be bytes, not {type(body).__name__}")
+        _set = object.__setattr__
+        _set(self, "command", command)
+        _set(self, "headers", headers if isinstance(headers, Headers) else Headers(headers))
+        _set(self, "body", bytes(body))
+
+    @classmethod
+    def _trusted(cls, command: str, headers: Headers, body: bytes) -> Frame:
+        # The parser's fast constructor: the types are known to be right.
+        self = object.__new__(cls)
+        _set = object.__setattr__
+        _set(self, "command", command)
+        _set(self, "headers", headers)
+        _set(self, "body", body)
+        return self
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise attrs.exceptions.FrozenInstanceError()
+
+    def __delattr__(self, name: str) -> None:
+        raise attrs.exceptions.FrozenInstanceError()
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Frame):
+            return NotImplemented
+        return (
+            self.command == other.command
+            and self.headers == other.headers
+            and self.body == other.body
+        )
+
+    def __hash__(self) -> int:
+        return hash((self.command, self.headers, self.body))
+
+    def __repr__(self) -> str:
+        body = self.body if len(self.body) <= 64 else self.body[:64] + b"..."
+        return f"Frame({self.command!r}, {list(self.headers.raw)!r}, {body!r})"
+
+    def replace(
+        self,
+        *,
+        command: str | None = None,
+        headers: HeadersLike | None = None,
+        body: bytes | None = None,
+    ) -> Frame:
+        """Return a copy with the given fields replaced."""
+        return Frame(
+            self.command if command is None else command,
+            self.headers if headers is None else headers,
+            self.body if body is None else body,
+        )
+
+
+@final
+@attrs.frozen
+class Heartbeat:
+    """A heart-beat: a bare end-of-line between frames. Carries nothing but liveness."""
+
+
+HEARTBEAT: Final = Heartbeat()

@@ -73,8 +73,6 @@ def parse_listen_url(url: str) -> tuple[str, str, int]:
 
 
 def _check_listen(instance: Config, attribute: attrs.Attribute[Any], value: Any) -> None:
-    if not value:
-        raise ValueError("listen must name at least one address")
     for url in value:
         parse_listen_url(url)
 
@@ -125,7 +123,8 @@ class Config:
     loopback broker on port 61613.
 
     Attributes:
-      listen: addresses to listen on, ``tcp://HOST:PORT`` (port 0 = any free port).
+      listen: addresses to listen on, ``tcp://HOST:PORT`` (port 0 = any free port). Empty:
+        no listener at all, the broker serves only ``Broker.connect_in_memory()``.
       connect_timeout: seconds a new connection may take to send CONNECT before it is
         closed (with an ERROR frame).
       shutdown_grace: seconds sessions get, on shutdown, to send their ERROR frame and flush

@@ -1,0 +1,178 @@
+"""``python -m trio_stomp.broker``: run the broker from the command line.
+
+This module owns the command line: flags and a TOML file become a :class:`Config`, logs go
+to stderr, one flushed ``listening on URL`` line per bound listener goes to stdout, and
+SIGINT/SIGTERM run the broker's graceful shutdown (listeners, then sessions with an ERROR
+"broker shutting down" and the grace period, then housekeeping) before exiting 0.
+
+It never holds broker logic: everything it does goes through :func:`serve_broker`.
+Exit codes: 0 after a signal-driven shutdown, 1 when a listener cannot be bound, 2 for a
+bad command line or configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import trio
+
+from ._broker import Broker, serve_broker
+from ._config import DEFAULT_LISTEN, LOG_LEVELS, Config, config_from_mapping, load_config
+
+logger = logging.getLogger("trio_stomp.broker")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m trio_stomp.broker",
+        description=(
+            "A STOMP 1.0/1.1/1.2 message broker on Trio. Prints one 'listening on URL' line "
+            "per bound listener on stdout; logs go to stderr. SIGINT/SIGTERM shut it down "
+            "gracefully (exit code 0). Flags override the --config file, which overrides "
+            "the defaults."
+        ),
+    )
+    add = parser.add_argument
+    add(
+        "--listen",
+        action="append",
+        metavar="URL",
+        help=f"address to listen on, tcp://HOST:PORT (port 0 = any free port); repeatable "
+        f"(default: {DEFAULT_LISTEN})",
+    )
+    add("--config", metavar="FILE.toml", help="read settings from a TOML file (same names)")
+    add(
+        "--log-level",
+        type=str.upper,
+        choices=LOG_LEVELS,
+        help="logging level for stderr (default: INFO)",
+    )
+    add(
+        "--shutdown-grace",
+        type=float,
+        metavar="SECONDS",
+        help="on shutdown, how long sessions may take to send their ERROR frame and flush "
+        "(default: 5)",
+    )
+    add(
+        "--connect-timeout",
+        type=float,
+        metavar="SECONDS",
+        help="close a connection that sent no CONNECT within this time (default: 10)",
+    )
+    add(
+        "--heart-beat",
+        metavar="CX,CY",
+        help="heart-beat the broker announces, in ms: it sends every CX, wants one every CY "
+        "(0 = never; default: 10000,10000)",
+    )
+    add(
+        "--heart-beat-tolerance",
+        type=float,
+        metavar="FACTOR",
+        help="drop a client silent for the negotiated interval times FACTOR (default: 2.0)",
+    )
+    add(
+        "--default-destination-type",
+        choices=("topic", "queue"),
+        help="what a destination outside /queue/, /topic/, /temp-queue/ is (default: topic)",
+    )
+    add(
+        "--prefetch",
+        type=int,
+        metavar="N",
+        help="default max unacknowledged messages per client-ack subscription (default: 1000)",
+    )
+    add(
+        "--max-prefetch",
+        type=int,
+        metavar="N",
+        help="largest prefetch a SUBSCRIBE header may ask for (default: 100000)",
+    )
+    add(
+        "--max-send-buffer",
+        type=int,
+        metavar="BYTES",
+        help="bytes queued for one connection before it counts as a slow consumer "
+        "(default: 1048576)",
+    )
+    add(
+        "--slow-consumer-policy",
+        choices=("disconnect", "drop"),
+        help="what a topic does to a subscriber whose buffer is full: disconnect it with an "
+        "ERROR, or drop the message for it and count (default: disconnect)",
+    )
+    add(
+        "--max-frame-size",
+        type=int,
+        metavar="BYTES",
+        help="largest frame (head and body) (default: 16 MiB + 64 KiB)",
+    )
+    add("--max-body-size", type=int, metavar="BYTES", help="largest body (default: 16 MiB)")
+    add(
+        "--max-line-length",
+        type=int,
+        metavar="BYTES",
+        help="longest command or header line (default: 16384)",
+    )
+    add("--max-headers", type=int, metavar="N", help="most headers in one frame (default: 128)")
+    add("--server-name", metavar="NAME", help="the CONNECTED frame's server header")
+    return parser
+
+
+def build_config(args: argparse.Namespace) -> Config:
+    """The Config the parsed command line asks for.
+
+    Raises:
+      ValueError: an invalid setting (or TOML file). OSError: the file cannot be read.
+    """
+    overrides: dict[str, Any] = {}
+    for name, value in vars(args).items():
+        if name == "config" or value is None:
+            continue
+        overrides[name] = value
+    if args.config is not None:
+        return load_config(args.config, **overrides)
+    return config_from_mapping({}, **overrides)
+
+
+async def _run(config: Config) -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+            broker: Broker = await nursery.start(serve_broker, config)
+            for address in broker.addresses:
+                print(f"listening on {address}", flush=True)
+            async for signum in signals:
+                logger.info("received %s: shutting down", signal.Signals(signum).name)
+                nursery.cancel_scope.cancel()
+                break
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the broker until SIGINT/SIGTERM. Returns the exit code (see the module doc)."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        config = build_config(args)
+    except (ValueError, OSError) as exc:
+        parser.error(str(exc))
+    logging.basicConfig(
+        stream=sys.stderr,
+        level=config.log_level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        trio.run(_run, config)
+    except OSError as exc:
+        logger.error("cannot start the broker: %s", exc)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,384 @@
+"""One client connection to the broker: the session.
+
+This module owns the protocol conversation with one client, on top of a
+:class:`~trio_stomp._peer.Peer`: the CONNECT timeout, version and heart-beat negotiation,
+CONNECTED, the dispatch of every later frame to the routing core, receipts, DISCONNECT,
+and the ERROR-then-close answer to any protocol violation. It is also the routing core's
+:class:`~._destinations.Sink` for this connection (``write`` queues MESSAGE bytes on the
+peer without waiting; ``close`` ends a slow consumer).
+
+The hot path: the session awaits once per received *batch* (``peer.receive_batch()``) and
+applies every frame of it synchronously before awaiting again; messages it publishes are
+written to the subscribers' peers with ``send_bytes_nowait`` (never an await per frame).
+Only receipts that find this connection's own outbound buffer full are deferred to the
+end of the batch and awaited there, which pushes back on this client: its frames are not
+read while it does not read ours.
+
+It must never raise out of :meth:`Session.run` (one bad connection never takes the broker
+down: unexpected errors are logged and close only this connection), never outlive the
+broker's connections nursery, and never touch another connection except through the
+routing core.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Final
+
+import attrs
+import trio
+
+from .._errors import ConnectionLost, HeartbeatTimeout, RemoteProtocolError
+from .._frames import Frame
+from .._negotiation import (
+    SUPPORTED_VERSIONS,
+    choose_version,
+    format_heart_beat,
+    negotiate_heart_beat,
+    parse_heart_beat,
+)
+from .._peer import Peer, PeerStatistics, open_peer
+from ._config import Config
+from ._destinations import Connection
+from ._router import Router
+
+__all__ = ["Session"]
+
+logger: Final = logging.getLogger("trio_stomp.broker")
+
+#: Commands that may carry a body (STOMP 1.2 "Frames and headers").
+_BODY_COMMANDS: Final = frozenset({"SEND"})
+_LOST: Final = "connection lost"
+
+
+@attrs.define(eq=False)
+class Session:
+    """One client connection. Made by the broker; :meth:`run` serves it to the end.
+
+    Attributes:
+      session_id: the ``session`` header of CONNECTED; unique in the broker.
+      remote: a printable peer address (``"127.0.0.1:53422"``, ``"memory"``).
+      version: the negotiated version, once CONNECTED was sent.
+    """
+
+    session_id: str
+    remote: str
+    config: Config
+    router: Router
+    register_heart_beat: Callable[[Peer], None]
+    on_closed: Callable[[Session, PeerStatistics | None], None]
+    version: str | None = None
+    peer: Peer | None = None
+    connection: Connection | None = None
+    errors_sent: int = 0
+    _stop_reason: str | None = None
+    _shutting_down: bool = False
+    _wake: trio.CancelScope | None = None
+    _nursery: trio.Nursery | None = None
+    _draining: bool = False
+    _deferred: list[Frame] = attrs.Factory(list)
+
+    # -- control from outside (broker, routing core) -----------------------------------
+
+    def shutdown(self) -> None:
+        """The broker is shutting down: send ERROR "broker shutting down" and close.
+        Never blocks."""
+        self._shutting_down = True
+        self._stop("broker shutting down")
+
+    def _stop(self, reason: str) -> None:
+        if self._stop_reason is None:
+            self._stop_reason = reason
+        if self._wake is not None:
+            self._wake.cancel()
+
+    # Sink: called by the routing core, possibly from another session's task.
+    def write(self, data: bytes) -> bool:
+        """Queue MESSAGE bytes for this client; False (nothing queued) when its buffer is
+        full (a drain watcher then resumes deliveries) or the connection is broken."""
+        peer = self.peer
+        assert peer is not None
+        try:
+            peer.send_bytes_nowait(data)
+        except trio.WouldBlock:
+            if not self._draining and self._nursery is not None:
+                self._draining = True
+                self._nursery.start_soon(self._wait_drained, peer)
+            return False
+        except ConnectionLost:
+            if self.connection is not None:
+                self.connection.alive = False
+            self._stop(_LOST)
+            return False
+        return True
+
+    def close(self, message: str) -> None:
+        """The routing core gave up on this connection (a slow consumer)."""
+        self._stop(message)
+
+    async def _wait_drained(self, peer: Peer) -> None:
+        try:
+            await peer.flush()
+        except ConnectionLost:
+            return
+        finally:
+            self._draining = False
+        if self.connection is not None:
+            self.router.resume(self.connection)
+
+    # -- the conversation --------------------------------------------------------------
+
+    async def run(self, stream: trio.abc.Stream) -> None:
+        """Serve the connection until it ends; closes ``stream``. Never raises except
+        ``trio.Cancelled`` (the broker's hard shutdown deadline)."""
+        config = self.config
+        stats: PeerStatistics | None = None
+        try:
+            # The whole life of the connection. When it is time to close, a deadline is set
+            # on it so flushing the last frames is bounded.
+            with trio.CancelScope() as life:
+                async with open_peer(
+                    stream,
+                    version="1.2",
+                    max_receive_batches=config.max_receive_batches,
+                    max_send_buffer=config.max_send_buffer,
+                    heart_beat_tolerance=config.heart_beat_tolerance,
+                    run_heart_beat_timer=False,
+                    **config.parser_limits(),
+                ) as peer:
+                    self.peer = peer
+                    try:
+                        async with trio.open_nursery() as nursery:
+                            self._nursery = nursery
+                            await self._serve(peer)
+                            nursery.cancel_scope.cancel()
+                    finally:
+                        self._nursery = None
+                        stats = peer.statistics()
+                        life.deadline = trio.current_time() + config.shutdown_grace
+        except Exception:
+            logger.exception("session %s (%s) failed", self.session_id, self.remote)
+        finally:
+            if self.connection is not None:
+                self.router.disconnect(self.connection)
+            self.on_closed(self, stats)
+
+    async def _serve(self, peer: Peer) -> None:
+        config = self.config
+        with trio.CancelScope() as self._wake:
+            if self._stop_reason is not None:
+                self._wake.cancel()
+            with trio.move_on_after(config.connect_timeout) as timeout:
+                try:
+                    frame = await peer.receive()
+                except RemoteProtocolError as exc:
+                    await self._error(str(exc))
+                    return
+                except ConnectionLost as exc:
+                    logger.info(
+                        "connection %s (%s) ended before CONNECT: %s",
+                        self.session_id,
+                        self.remote,
+                        exc,
+                    )
+                    return
+        if self._wake.cancelled_caught:
+            await self._error(self._stop_reason or "closing")
+            return
+        if timeout.cancelled_caught:
+            await self._error(f"no CONNECT frame within {config.connect_timeout:g} s")
+            return
+        if not self._connect(peer, frame):
+            return
+        assert self.connection is not None
+        logger.info(
+            "session %s (%s) connected with STOMP %s", self.session_id, self.remote, self.version
+        )
+        try:
+            await self._loop(peer)
+        except RemoteProtocolError as exc:
+            await self._error(str(exc))
+        except HeartbeatTimeout as exc:
+            logger.info("session %s (%s) closed: %s", self.session_id, self.remote, exc)
+        except ConnectionLost as exc:
+            if self._stop_reason is not None and self._stop_reason != _LOST:
+                await self._error(self._stop_reason)
+            else:
+                logger.info("session %s (%s) closed: %s", self.session_id, self.remote, exc)
+
+    def _connect(self, peer: Peer, frame: Frame) -> bool:
+        """Handle the first frame; False if the connection must close (ERROR queued)."""
+        if frame.command not in ("CONNECT", "STOMP"):
+            self._queue_error(f"expected a CONNECT or STOMP frame, got {frame.command}", frame)
+            return False
+        headers = frame.headers
+        version = choose_version(headers.get("accept-version"))
+        if version is None:
+            self._queue_error(
+                "no protocol version in common: this broker supports "
+                + ", ".join(SUPPORTED_VERSIONS),
+                frame,
+                extra=(("version", ",".join(SUPPORTED_VERSIONS)),),
+            )
+            return False
+        client_heart_beat = (0, 0)
+        if version != "1.0":
+            try:
+                client_heart_beat = parse_heart_beat(headers.get("heart-beat"))
+            except RemoteProtocolError as exc:
+                self._queue_error(str(exc), frame)
+                return False
+        # Seam (issue 5): authenticate login/passcode here, before CONNECTED.
+        self.version = version
+        peer.version = version
+        connected: list[tuple[str, str]] = [
+            ("version", version),
+            ("session", self.session_id),
+            ("server", self.config.server_name),
+        ]
+        if version != "1.0":
+            connected.insert(1, ("heart-beat", format_heart_beat(self.config.heart_beat)))
+        peer.send_nowait(Frame("CONNECTED", connected))
+        self.connection = self.router.connect(self.session_id, version, self)
+        send_every, expect_every = negotiate_heart_beat(self.config.heart_beat, client_heart_beat)
+        if send_every or expect_every:
+            peer.set_heart_beat(send_every, expect_every)
+            self.register_heart_beat(peer)
+        return True
+
+    async def _loop(self, peer: Peer) -> None:
+        connection = self.connection
+        assert connection is not None
+        router = self.router
+        handlers: dict[str, Callable[[Connection, Frame], object]] = {
+            "SEND": router.send,
+            "SUBSCRIBE": router.subscribe,
+            "UNSUBSCRIBE": router.unsubscribe,
+            "ACK": router.ack,
+            "NACK": router.nack,
+            "BEGIN": router.begin,
+            "COMMIT": router.commit,
+            "ABORT": router.abort,
+        }
+        deferred = self._deferred
+        with trio.CancelScope() as self._wake:
+            if self._stop_reason is not None:
+                self._wake.cancel()
+            while True:
+                batch = await peer.receive_batch()
+                for frame in batch:
+                    handler = handlers.get(frame.command)
+                    try:
+                        if handler is None:
+                            self._check_other(frame)
+                            # DISCONNECT: nothing after it is processed.
+                            await self._disconnect(peer, frame)
+                            return
+                        if frame.body and frame.command not in _BODY_COMMANDS:
+                            raise RemoteProtocolError(
+                                f"a {frame.command} frame must not have a body"
+                            )
+                        handler(connection, frame)
+                    except RemoteProtocolError as exc:
+                        await self._error(str(exc), frame)
+                        return
+                    receipt = frame.headers.get("receipt")
+                    if receipt is not None:
+                        self._control(peer, Frame("RECEIPT", (("receipt-id", receipt),)))
+                    if self._stop_reason is not None:
+                        break
+                if deferred:
+                    while deferred:
+                        await peer.send(deferred[0])
+                        del deferred[0]
+                if self._stop_reason is not None:
+                    break
+        if self._stop_reason == _LOST:
+            return
+        await self._error(self._stop_reason or "closing")
+
+    def _check_other(self, frame: Frame) -> None:
+        command = frame.command
+        if command == "DISCONNECT":
+            if frame.body:
+                raise RemoteProtocolError("a DISCONNECT frame must not have a body")
+            return
+        if command in ("CONNECT", "STOMP"):
+            raise RemoteProtocolError(f"already connected: unexpected {command} frame")
+        raise RemoteProtocolError(f"unknown command {command!r}")
+
+    def _control(self, peer: Peer, frame: Frame) -> None:
+        """Queue a RECEIPT without waiting; defer it (in order) if the buffer is full."""
+        if not self._deferred:
+            try:
+                peer.send_nowait(frame)
+                return
+            except trio.WouldBlock:
+                pass
+        self._deferred.append(frame)
+
+    async def _disconnect(self, peer: Peer, frame: Frame) -> None:
+        for pending in self._deferred:
+            await peer.send(pending)
+        self._deferred.clear()
+        receipt = frame.headers.get("receipt")
+        if receipt is not None:
+            await peer.send(Frame("RECEIPT", (("receipt-id", receipt),)))
+        logger.info("session %s (%s) disconnected", self.session_id, self.remote)
+
+    # -- errors ------------------------------------------------------------------------
+
+    def _error_frame(
+        self,
+        message: str,
+        offending: Frame | None,
+        extra: tuple[tuple[str, str], ...] = (),
+    ) -> Frame:
+        headers: list[tuple[str, str]] = [("message", _one_line(message))]
+        body = message
+        if offending is not None:
+            receipt = offending.headers.get("receipt")
+            if receipt is not None and offending.command not in ("CONNECT", "STOMP"):
+                headers.append(("receipt-id", receipt))
+            shown = "\n".join(
+                f"{name}:{'***' if name == 'passcode' else value}"
+                for name, value in offending.headers.raw
+            )
+            body = (
+                f"{message}\n\nThe offending frame:\n-----\n{offending.command}\n{shown}\n-----\n"
+            )
+        headers.extend(extra)
+        headers.append(("content-type", "text/plain"))
+        self.errors_sent += 1
+        logger.warning("session %s (%s): ERROR %s", self.session_id, self.remote, message)
+        return Frame("ERROR", headers, body.encode("utf-8", "replace"))
+
+    def _queue_error(
+        self,
+        message: str,
+        offending: Frame | None = None,
+        extra: tuple[tuple[str, str], ...] = (),
+    ) -> None:
+        assert self.peer is not None
+        frame = self._error_frame(message, offending, extra)
+        try:
+            self.peer.send_nowait(frame)
+        except (trio.WouldBlock, ConnectionLost):
+            pass
+
+    async def _error(self, message: str, offending: Frame | None = None) -> None:
+        """Send ERROR (waiting at most the shutdown grace for room), then return: the
+        caller closes the connection."""
+        assert self.peer is not None
+        frame = self._error_frame(message, offending)
+        with trio.move_on_after(self.config.shutdown_grace):
+            try:
+                await self.peer.send(frame)
+            except ConnectionLost:
+                pass
+
+
+def _one_line(text: str) -> str:
+    line = text.replace("\r", " ").replace("\n", " ")
+    return line if len(line) <= 1000 else line[:997] + "..."

@@ -5,17 +5,20 @@
 # Debian ships inside the package) present on the machine, and making sure the
 # package's own system-wide broker is NOT left running: the tests start their
 # own private node on free loopback ports (tests/_rabbitmq.py).
-# Never: touches a broker or epmd it did not start, or edits /etc/rabbitmq.
+# Never: touches any process except the package's own system service (and the
+# idle epmd that service leaves behind), nor edits /etc/rabbitmq.
 #
 # Idempotent: a second run changes nothing and says so. Works without systemd.
 set -euo pipefail
 
 log() { printf '[install-system-deps] %s\n' "$*"; }
 
-if [ "$(id -u)" -ne 0 ]; then
-    log "must run as root (apt-get); try: sudo $0" >&2
-    exit 1
-fi
+need_root() {
+    if [ "$(id -u)" -ne 0 ]; then
+        log "must run as root to $1; try: sudo $0" >&2
+        exit 1
+    fi
+}
 export DEBIAN_FRONTEND=noninteractive
 
 POLICY=/usr/sbin/policy-rc.d
@@ -44,6 +47,7 @@ rabbitmq_pids() {
 if [ -x /usr/lib/rabbitmq/bin/rabbitmq-server ]; then
     log "rabbitmq-server already installed: $(dpkg-query -W -f='${Version}' rabbitmq-server 2>/dev/null || echo unknown version)"
 else
+    need_root "install rabbitmq-server"
     if ! apt-cache show rabbitmq-server >/dev/null 2>&1; then
         log "package lists lack rabbitmq-server: running apt-get update"
         apt-get update -q
@@ -61,7 +65,11 @@ else
         log "$POLICY exists already; leaving it alone"
     fi
     log "installing rabbitmq-server"
-    apt-get install -y -q --no-install-recommends rabbitmq-server
+    if ! apt-get install -y -q --no-install-recommends rabbitmq-server; then
+        log "install failed (stale package lists?): apt-get update and one retry"
+        apt-get update -q
+        apt-get install -y -q --no-install-recommends rabbitmq-server
+    fi
     cleanup
     ours_policy=0
 fi
@@ -70,6 +78,7 @@ fi
 # it was started earlier), stop it and keep it from starting at boot.
 if [ -n "$(rabbitmq_pids "beam*")" ]; then
     log "the system-wide rabbitmq-server service is running: stopping it"
+    need_root "stop the system-wide rabbitmq-server"
     if command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
         systemctl stop rabbitmq-server || true
     else
@@ -83,7 +92,9 @@ if [ -n "$(rabbitmq_pids "beam*")" ]; then
 else
     log "no system-wide rabbitmq-server is running"
 fi
-if command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
+if [ "$(id -u)" -ne 0 ]; then
+    log "not root: leaving the service's boot-time setting alone"
+elif command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
     systemctl disable rabbitmq-server >/dev/null 2>&1 && log "disabled the systemd unit" || true
 elif command -v update-rc.d >/dev/null 2>&1 && [ -e /etc/init.d/rabbitmq-server ]; then
     update-rc.d rabbitmq-server disable >/dev/null 2>&1 && log "disabled the SysV service" || true

@@ -1,0 +1,229 @@
+"""The broker over real loopback TCP: exchange, slow consumers, hostile input.
+
+These need real sockets because memory streams never push back: a consumer that stops
+reading only fills a buffer when there is a kernel socket buffer behind it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest
+import trio
+import trio.testing
+from test_broker import RawClient
+
+from trio_stomp import Frame, serialize
+from trio_stomp.broker import Broker, open_broker
+
+_open_clients: list[RawClient] = []
+
+
+@pytest.fixture(autouse=True)
+async def _close_clients() -> AsyncIterator[None]:
+    yield
+    while _open_clients:
+        await _open_clients.pop().aclose()
+
+
+@pytest.fixture
+async def tcp_broker() -> AsyncIterator[Broker]:
+    async with open_broker(
+        listen=["tcp://127.0.0.1:0"],
+        max_send_buffer=64 * 1024,
+        connect_timeout=1.0,
+        shutdown_grace=1.0,
+        max_body_size=256 * 1024,
+        max_frame_size=300 * 1024,
+    ) as broker:
+        yield broker
+
+
+async def tcp_client(broker: Broker, version: str = "1.2", connect: bool = True) -> RawClient:
+    host_port = broker.addresses[0].removeprefix("tcp://")
+    host, _, port = host_port.rpartition(":")
+    stream = await trio.open_tcp_stream(host, int(port))
+    raw = RawClient(stream, version)
+    _open_clients.append(raw)
+    if connect:
+        await raw.connect()
+    return raw
+
+
+async def test_listens_on_the_real_port_and_serves(tcp_broker: Broker) -> None:
+    (address,) = tcp_broker.addresses
+    assert address.startswith("tcp://127.0.0.1:") and not address.endswith(":0")
+    consumer = await tcp_client(tcp_broker)
+    producer = await tcp_client(tcp_broker, "1.1")
+    await consumer.send("SUBSCRIBE", {"destination": "/queue/tcp", "id": "1", "receipt": "r"})
+    await consumer.expect("RECEIPT")
+    await producer.send("SEND", {"destination": "/queue/tcp"}, b"over tcp")
+    assert (await consumer.expect("MESSAGE")).body == b"over tcp"
+    await producer.send("DISCONNECT", {"receipt": "bye"})
+    await producer.expect("RECEIPT")
+
+
+async def test_slow_topic_subscriber_is_disconnected_others_keep_going(
+    tcp_broker: Broker,
+) -> None:
+    slow = await tcp_client(tcp_broker)
+    fast = await tcp_client(tcp_broker)
+    producer = await tcp_client(tcp_broker)
+    for raw in (slow, fast):
+        await raw.send("SUBSCRIBE", {"destination": "/topic/flood", "id": "1", "receipt": "r"})
+        await raw.expect("RECEIPT")
+    payload = b"x" * 16 * 1024
+    count = 600  # ~10 MB: far more than the slow reader's socket buffers and our 64 KiB
+    received = 0
+
+    async def drain_fast() -> None:
+        nonlocal received
+        while received < count:
+            await fast.expect("MESSAGE")
+            received += 1
+
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(drain_fast)
+            for i in range(count):
+                receipt = {"receipt": f"p{i}"} if i % 100 == 99 else {}
+                await producer.send("SEND", {"destination": "/topic/flood", **receipt}, payload)
+                if receipt:
+                    await producer.expect("RECEIPT")
+    assert received == count
+    stats = tcp_broker.statistics()
+    assert stats.slow_consumers == 1
+    # The slow one finally reads: what was buffered, then an ERROR, then the end.
+    with trio.fail_after(10):
+        while True:
+            frame = await slow.receive()
+            if frame.command == "ERROR":
+                break
+    assert "slow consumer" in frame.headers["message"]
+    with trio.fail_after(5):
+        while await slow._fill():
+            pass
+
+
+async def test_slow_topic_subscriber_drop_policy() -> None:
+    async with open_broker(
+        listen=["tcp://127.0.0.1:0"],
+        max_send_buffer=32 * 1024,
+        slow_consumer_policy="drop",
+        shutdown_grace=0.2,
+    ) as broker:
+        slow = await tcp_client(broker)
+        producer = await tcp_client(broker)
+        await slow.send("SUBSCRIBE", {"destination": "/topic/d", "id": "1", "receipt": "r"})
+        await slow.expect("RECEIPT")
+        for _ in range(400):
+            await producer.send("SEND", {"destination": "/topic/d"}, b"y" * 16 * 1024)
+        await producer.send("SEND", {"destination": "/topic/x", "receipt": "done"})
+        with trio.fail_after(10):
+            await producer.expect("RECEIPT")
+        stats = broker.statistics()
+        assert stats.messages_dropped > 0 and stats.slow_consumers == 0
+        assert stats.connections == 2
+
+
+async def test_slow_queue_consumer_is_skipped_and_nothing_is_lost(tcp_broker: Broker) -> None:
+    slow = await tcp_client(tcp_broker)
+    await slow.send(
+        "SUBSCRIBE",
+        {"destination": "/queue/work", "id": "1", "ack": "client", "prefetch": "5", "receipt": "r"},
+    )
+    await slow.expect("RECEIPT")
+    fast = await tcp_client(tcp_broker)
+    await fast.send("SUBSCRIBE", {"destination": "/queue/work", "id": "1", "receipt": "r"})
+    await fast.expect("RECEIPT")
+    producer = await tcp_client(tcp_broker)
+    count = 300
+    with trio.fail_after(20):
+        for i in range(count):
+            await producer.send("SEND", {"destination": "/queue/work"}, b"%d" % i)
+        await producer.send("DISCONNECT", {"receipt": "bye"})
+        await producer.expect("RECEIPT")
+        got: list[bytes] = []
+        while len(got) < count - 5:
+            got.append((await fast.expect("MESSAGE")).body)
+    stats = tcp_broker.statistics()
+    assert stats.messages_unacked == 5  # the slow consumer's credit, no more
+    await slow.aclose()  # its unacked messages come back to the queue
+    with trio.fail_after(10):
+        while len(got) < count:
+            msg = await fast.expect("MESSAGE")
+            assert msg.headers["redelivered"] == "true"
+            got.append(msg.body)
+    assert sorted(got, key=int) == [b"%d" % i for i in range(count)]
+
+
+async def test_hostile_connections_do_not_disturb_good_clients(tcp_broker: Broker) -> None:
+    hostile_payloads = [
+        b"\x00\xff\xfe garbage garbage\n\n\0",
+        b"CONNECT\naccept-version:1.2\nhost:h\n\n\0SEND\ndestination:/queue/a\ncontent-length:-1\n\n\0",
+        b"CONNECT\naccept-version:1.2\nhost:h\n\n\0SEND\ndestination:/queue/a\ncontent-length:999999999\n\n",
+        b"CONNECT\naccept-version:1.2\nhost:h\n\n\0SEND\ndestination:/queue/a\n\n" + b"z" * 400_000,
+        b"CONNECT\naccept-version:1.2\nhost:h\n\n\0SEND\n" + b"h" * 400_000,
+        b"CONNECT\naccept-version:1.2\nhost:h\n\n\0" + b"SEND\ndestination:/queue/a\nbad:\\q\n\n\0",
+        b"SEND\ndestination:/queue/a\n\nnot connected\0",
+        b"CONNECT\naccept-version:9.9\n\n\0",
+        b"",  # half-open: connects and never says anything
+        b"CONN",  # half-open: starts a frame and never finishes it
+    ]
+    closed_hostile = 0
+    good_round_trips = 0
+
+    async def hostile(payload: bytes) -> None:
+        nonlocal closed_hostile
+        raw = await tcp_client(tcp_broker, connect=False)
+        if payload:
+            try:
+                await raw.send_raw(payload)
+            except trio.BrokenResourceError:
+                pass  # the broker already hung up on us mid-send
+        with trio.fail_after(5):
+            try:
+                while await raw._fill():
+                    pass
+            except (trio.BrokenResourceError, Exception):
+                pass
+        closed_hostile += 1
+
+    async def good_pair() -> None:
+        nonlocal good_round_trips
+        consumer = await tcp_client(tcp_broker)
+        producer = await tcp_client(tcp_broker)
+        await consumer.send("SUBSCRIBE", {"destination": "/queue/good", "id": "1", "receipt": "r"})
+        await consumer.expect("RECEIPT")
+        while closed_hostile < 3 * len(hostile_payloads) or good_round_trips < 50:
+            await producer.send("SEND", {"destination": "/queue/good"}, b"ping")
+            assert (await consumer.expect("MESSAGE")).body == b"ping"
+            good_round_trips += 1
+
+    with trio.fail_after(15):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(good_pair)
+            for _ in range(3):
+                for payload in hostile_payloads:
+                    nursery.start_soon(hostile, payload)
+    assert closed_hostile == 3 * len(hostile_payloads)
+    assert good_round_trips >= 50
+    stats = tcp_broker.statistics()
+    assert stats.errors_sent >= 3 * (len(hostile_payloads) - 1)
+    await trio.testing.wait_all_tasks_blocked()
+    assert tcp_broker.statistics().connections == 2
+
+
+async def test_many_frames_in_one_chunk_are_routed_in_order(tcp_broker: Broker) -> None:
+    consumer = await tcp_client(tcp_broker)
+    await consumer.send("SUBSCRIBE", {"destination": "/queue/batch", "id": "1", "receipt": "r"})
+    await consumer.expect("RECEIPT")
+    producer = await tcp_client(tcp_broker)
+    data = b"".join(
+        serialize(Frame("SEND", {"destination": "/queue/batch"}, b"%d" % i)) for i in range(2000)
+    )
+    await producer.send_raw(data + serialize(Frame("SEND", {"destination": "/x", "receipt": "e"})))
+    with trio.fail_after(10):
+        await producer.expect("RECEIPT")
+        bodies = [(await consumer.expect("MESSAGE")).body for _ in range(2000)]
+    assert bodies == [b"%d" % i for i in range(2000)]

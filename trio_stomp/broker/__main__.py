@@ -121,6 +121,13 @@ def _parser() -> argparse.ArgumentParser:
         help="longest command or header line (default: 16384)",
     )
     add("--max-headers", type=int, metavar="N", help="most headers in one frame (default: 128)")
+    add(
+        "--max-receive-batches",
+        type=int,
+        metavar="N",
+        help="received chunks (up to 64 KiB each) parsed ahead of routing per connection "
+        "(default: 4)",
+    )
     add("--server-name", metavar="NAME", help="the CONNECTED frame's server header")
     return parser
 

@@ -346,6 +346,9 @@ async def test_broken_stream_is_connection_lost() -> None:
             await peer.send(message(2))
         with pytest.raises(ConnectionLost):
             peer.send_nowait(message(2))
+        # A connection we cannot write to is dead both ways: the reader stops too.
+        with pytest.raises(ConnectionLost, match="broken"):
+            await peer.receive()
 
 
 async def test_os_error_on_receive_is_connection_lost() -> None:

@@ -4,6 +4,17 @@ This module holds the public names only; everything else lives in private module
 The broker lives in :mod:`trio_stomp.broker`.
 """
 
+from ._client import (
+    Client,
+    ClientStatistics,
+    Message,
+    ReconnectPolicy,
+    Subscription,
+    Transaction,
+    open_client,
+    open_client_over_stream,
+    open_client_over_stream_factory,
+)
 from ._codec import FrameParser, serialize
 from ._errors import (
     BrokerError,
@@ -24,6 +35,8 @@ __all__ = [
     "HEARTBEAT",
     "SUPPORTED_VERSIONS",
     "BrokerError",
+    "Client",
+    "ClientStatistics",
     "Command",
     "ConnectionLost",
     "Frame",
@@ -32,13 +45,20 @@ __all__ = [
     "Heartbeat",
     "HeartbeatTimeout",
     "LocalProtocolError",
+    "Message",
     "Peer",
     "PeerStatistics",
     "ProtocolError",
+    "ReconnectPolicy",
     "RemoteProtocolError",
     "StompError",
+    "Subscription",
+    "Transaction",
     "choose_version",
     "negotiate_heart_beat",
+    "open_client",
+    "open_client_over_stream",
+    "open_client_over_stream_factory",
     "open_peer",
     "serialize",
 ]

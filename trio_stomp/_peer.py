@@ -343,7 +343,11 @@ class Peer:
                 await stream.send_all(data)
                 written = True
             except _STREAM_ERRORS as exc:
-                self._break_send(_lost(exc), exc)
+                # A connection we cannot write to is dead both ways: stop the reader too
+                # (frames it already parsed are still delivered, then the error).
+                error = _lost(exc)
+                error.__cause__ = exc
+                self._die(error)
                 return
             finally:
                 self._writing = False

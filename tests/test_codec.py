@@ -434,3 +434,11 @@ def test_arbitrary_bytes_never_crash_the_parser(data: bytes) -> None:
                 event.headers.raw  # noqa: B018
     except ProtocolError:
         pass
+
+
+def test_lazy_lookup_never_matches_across_name_and_value() -> None:
+    (parsed,) = FrameParser("1.0").feed(b"SEND\na:b:c\nx\n:y\n\n\x00")
+    assert isinstance(parsed, Frame)
+    assert parsed.headers.get("a") == "b:c"
+    assert parsed.headers.get("a:b") is None
+    assert parsed.headers.get("x\n") is None

@@ -139,7 +139,9 @@ class FrameParser:
         self._body_parts: list[bytes] = []
         self._body_have = 0
         self._body_need = -1  # content-length + 1 (the NUL), or -1: up to the first NUL
-        self._head_size = 0
+        # A head no longer than this cannot break the line or header-count limits (each
+        # header line takes at least two characters), so the fast path skips those checks.
+        self._small_head = min(max_line_length, 2 * max_headers)
         self._broken: str | None = None
         self._eof = False
 
@@ -242,10 +244,21 @@ class FrameParser:
 
     def _parse(self, buffer: bytes, events: list[Event]) -> bytes:
         """Parse complete frames out of ``buffer``; return the unconsumed tail."""
+        try:
+            return self._parse_frames(buffer, events)
+        except UnicodeDecodeError as exc:
+            raise RemoteProtocolError(f"frame headers are not valid UTF-8: {exc}") from None
+
+    def _parse_frames(self, buffer: bytes, events: list[Event]) -> bytes:
+        # The per-frame hot path: everything a common frame needs is inline, and anything
+        # unusual (an unknown command, an escape, a head large enough to break a limit)
+        # goes through _parse_head.
         end_of_buffer = len(buffer)
         has_cr = b"\r" in buffer
         pos = 0
         append = events.append
+        known = _KNOWN_COMMANDS
+        small_head = self._small_head
         while pos < end_of_buffer:
             # Heart-beats: bare EOLs between frames.
             byte = buffer[pos]
@@ -273,12 +286,32 @@ class FrameParser:
             if head_end < 0:
                 self._check_incomplete_head(buffer, pos)
                 break
-            command, headers = self._parse_head(buffer[pos:head_end], has_cr)
+            text = buffer[pos:head_end].decode("utf-8")
+            if has_cr and "\r" in text:
+                text = text.replace("\r\n", "\n")
+                if text.endswith("\r"):
+                    text = text[:-1]
+            eol = text.find("\n")
+            if eol < 0:
+                command = text
+                block = ""
+            else:
+                command = text[:eol]
+                block = text[eol:]
+            if command in known and len(text) <= small_head and "\\" not in block:
+                headers = _new_headers(Headers)
+                headers._raw = None
+                headers._first = None
+                headers._block = block
+            else:
+                headers = self._parse_head(text, command, block)
             body_start = head_end + separator
 
-            length = headers.get("content-length")
-            if length is not None:
-                size = self._content_length(length)
+            at = block.find("\ncontent-length:")
+            if at >= 0:
+                at += 16
+                eol = block.find("\n", at)
+                size = self._content_length(block[at:] if eol < 0 else block[at:eol])
                 body_end = body_start + size
                 if body_end < end_of_buffer:
                     if buffer[body_end] != 0:
@@ -286,7 +319,11 @@ class FrameParser:
                             f"frame body is not followed by a NUL octet after "
                             f"content-length ({size}) octets"
                         )
-                    append(Frame._trusted(command, headers, buffer[body_start:body_end]))
+                    frame = _new_frame(Frame)
+                    _set_command(frame, command)
+                    _set_headers(frame, headers)
+                    _set_body(frame, buffer[body_start:body_end])
+                    append(frame)
                     pos = body_end + 1
                     continue
                 self._start_body(command, headers, buffer[body_start:], size + 1)
@@ -365,24 +402,13 @@ class FrameParser:
             raise RemoteProtocolError(f"expected a STOMP command, got {line[:40]!r}")
         return command
 
-    def _parse_head(self, head: bytes, has_cr: bool) -> tuple[str, Headers]:
-        if len(head) > self.max_frame_size:
+    def _parse_head(self, text: str, command: str, block: str) -> Headers:
+        """The careful path for a head the fast path did not take: check the command and
+        every limit, and decode escapes eagerly (so a bad escape fails here)."""
+        if len(text) > self.max_frame_size:
             raise RemoteProtocolError(
                 f"frame headers exceed the maximum frame size of {self.max_frame_size} bytes"
             )
-        try:
-            text = head.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise RemoteProtocolError(f"frame headers are not valid UTF-8: {exc}") from None
-        if has_cr and "\r" in text:
-            text = text.replace("\r\n", "\n")
-            if text.endswith("\r"):
-                text = text[:-1]
-        eol = text.find("\n")
-        if eol < 0:
-            command, block = text, ""
-        else:
-            command, block = text[:eol], text[eol:]
         if command not in _KNOWN_COMMANDS:
             self._check_command(command.encode("utf-8"))
         if block.count("\n") > self.max_headers:
@@ -394,7 +420,7 @@ class FrameParser:
             raise RemoteProtocolError(f"header line exceeds the maximum length of {max_line} bytes")
         if "\\" not in block or self._version == "1.0" or command in NO_ESCAPE_COMMANDS:
             # Nothing to unescape: decode lazily, on first access.
-            return command, Headers._from_block(block)
+            return Headers._from_block(block)
         table = _UNESCAPE_12 if self._version == "1.2" else _UNESCAPE_11
         raw: list[tuple[str, str]] = []
         first: dict[str, str] = {}
@@ -408,7 +434,14 @@ class FrameParser:
             raw.append((name, value))
             if name not in first:
                 first[name] = value
-        return command, Headers._from_pairs(tuple(raw), first)
+        return Headers._from_pairs(tuple(raw), first)
+
+
+_new_headers = object.__new__
+_new_frame = object.__new__
+_set_command = Frame.command.__set__  # type: ignore[misc,attr-defined,unused-ignore]
+_set_headers = Frame.headers.__set__  # type: ignore[misc,attr-defined,unused-ignore]
+_set_body = Frame.body.__set__  # type: ignore[misc,attr-defined,unused-ignore]
 
 
 def _check_command_to_send(command: str) -> None:

@@ -152,11 +152,16 @@ class Headers(Mapping[str, str]):
 
     def get(self, name: str, default: str | None = None) -> str | None:  # type: ignore[override]
         block = self._block
-        if block is None or "\n" in name or ":" in name:
-            first = self._first if self._first is not None else self._decode()
+        if block is None:
+            first = self._first
+            assert first is not None
             return first.get(name, default)
-        start = block.find(f"\n{name}:")
+        start = block.find("\n" + name + ":")
         if start < 0:
+            return default
+        if ":" in name or "\n" in name:
+            # No undecoded header name holds these (they would have been escaped), so
+            # this match straddles a name and its value.
             return default
         start += len(name) + 2
         end = block.find("\n", start)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Mapping
+from fnmatch import fnmatchcase
 from typing import Any, Final, Literal
 
 import attrs
@@ -27,6 +28,7 @@ else:  # pragma: no cover
 __all__ = [
     "DEFAULT_LISTEN",
     "Config",
+    "DestinationSettings",
     "DestinationType",
     "SlowConsumerPolicy",
     "load_config",
@@ -38,6 +40,9 @@ LISTEN_SCHEMES: Final = ("tcp",)  # seam: "tls" (issue 5) and "ws" are parsed bu
 
 DestinationType = Literal["topic", "queue"]
 SlowConsumerPolicy = Literal["disconnect", "drop"]
+ExpiryPolicy = Literal["drop", "dead-letter"]
+DurableOverflow = Literal["drop-oldest", "drop-newest"]
+StoreSync = Literal["full", "normal"]
 LOG_LEVELS: Final = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
@@ -96,6 +101,62 @@ def _check_heart_beat(instance: Config, attribute: attrs.Attribute[Any], value: 
         raise ValueError(f"heart_beat must be two integers >= 0 (ms), not {value!r}")
 
 
+def _check_store(instance: Config, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if not isinstance(value, str) or not (
+        value == "memory" or (value.startswith("sqlite:") and len(value) > len("sqlite:"))
+    ):
+        raise ValueError(f"store must be 'memory' or 'sqlite:PATH', not {value!r}")
+
+
+@attrs.frozen(kw_only=True)
+class DestinationSettings:
+    """Durability and expiry settings for the destinations whose name matches ``pattern``
+    (shell-style: ``/queue/orders.*``). In TOML, one table per pattern:
+    ``[destinations."/queue/orders.*"]`` with the other attributes as keys.
+
+    Attributes:
+      pattern: which destination names these settings apply to (the first match wins).
+      persistent: every message sent to a matching queue is persistent, as if it carried
+        ``persistent:true``.
+      ttl: seconds a message may wait before it expires, when it has no ``expires``
+        header (0: no default expiry).
+      expiry_policy: ``"drop"`` or ``"dead-letter"`` (None: the broker's default).
+      max_redeliveries: redeliveries before a message is dead-lettered (0: never; None:
+        the broker's default).
+      dead_letter_queue: where its dead letters go (None: ``dead_letter_prefix`` + the
+        destination's name without its ``/queue/`` or ``/topic/`` prefix).
+    """
+
+    pattern: str
+    persistent: bool = False
+    ttl: float = attrs.field(default=0.0, converter=float, validator=_non_negative)
+    expiry_policy: ExpiryPolicy | None = attrs.field(
+        default=None,
+        validator=attrs.validators.optional(attrs.validators.in_(("drop", "dead-letter"))),
+    )
+    max_redeliveries: int | None = None
+    dead_letter_queue: str | None = None
+
+
+def _destinations_converter(value: Any) -> tuple[DestinationSettings, ...]:
+    """``{pattern: {key: value}}`` (TOML tables) or a sequence of DestinationSettings."""
+    if isinstance(value, Mapping):
+        result = []
+        for pattern, table in value.items():
+            if not isinstance(table, Mapping):
+                raise ValueError(f"destinations.{pattern!r} must be a table")
+            try:
+                result.append(
+                    DestinationSettings(
+                        pattern=pattern, **{k.replace("-", "_"): v for k, v in table.items()}
+                    )
+                )
+            except TypeError as exc:
+                raise ValueError(f"destinations.{pattern!r}: {exc}") from None
+        return tuple(result)
+    return tuple(value)
+
+
 def _upper(value: Any) -> str:
     return str(value).upper()
 
@@ -151,6 +212,22 @@ class Config:
         but not yet routed.
       server_name: the ``server`` header of CONNECTED.
       log_level: the level of the ``trio_stomp.broker`` logger when run from the CLI.
+      store: where persistent messages and durable subscriptions are kept: ``"memory"``
+        (the default: nothing survives the process) or ``"sqlite:PATH"``.
+      store_sync: SQLite's ``synchronous`` level: ``"full"`` (a RECEIPT means the message
+        survives a power loss) or ``"normal"`` (it survives a crash of the broker process).
+      max_redeliveries: a queue message that came back (NACK, consumer lost) more often
+        than this goes to its dead-letter queue (0: never).
+      dead_letter_prefix: a dead letter from ``/queue/NAME`` (or ``/topic/NAME``) goes to
+        ``dead_letter_prefix + NAME``.
+      expiry_policy: what happens to an expired message: ``"drop"`` (counted) or
+        ``"dead-letter"``.
+      expiry_sweep_interval: seconds between sweeps that remove expired messages from
+        queues nobody consumes (a consumer never gets an expired message either way).
+      durable_backlog: messages a durable topic subscription keeps while its client is
+        away; beyond that ``durable_overflow`` applies.
+      durable_overflow: ``"drop-oldest"`` or ``"drop-newest"`` (both counted as dropped).
+      destinations: per-destination :class:`DestinationSettings` (persistent, ttl...).
     """
 
     listen: tuple[str, ...] = attrs.field(
@@ -180,6 +257,23 @@ class Config:
     log_level: str = attrs.field(
         default="INFO", converter=_upper, validator=attrs.validators.in_(LOG_LEVELS)
     )
+    store: str = attrs.field(default="memory", validator=_check_store)
+    store_sync: StoreSync = attrs.field(
+        default="full", validator=attrs.validators.in_(("full", "normal"))
+    )
+    max_redeliveries: int = attrs.field(default=10, validator=_non_negative)
+    dead_letter_prefix: str = "/queue/DLQ."
+    expiry_policy: ExpiryPolicy = attrs.field(
+        default="drop", validator=attrs.validators.in_(("drop", "dead-letter"))
+    )
+    expiry_sweep_interval: float = attrs.field(default=1.0, converter=float, validator=_positive)
+    durable_backlog: int = attrs.field(default=10_000, validator=_positive)
+    durable_overflow: DurableOverflow = attrs.field(
+        default="drop-oldest", validator=attrs.validators.in_(("drop-oldest", "drop-newest"))
+    )
+    destinations: tuple[DestinationSettings, ...] = attrs.field(
+        default=(), converter=_destinations_converter
+    )
 
     def __attrs_post_init__(self) -> None:
         if self.heart_beat_tolerance < 1.0:
@@ -192,6 +286,13 @@ class Config:
             )
         if "\n" in self.server_name or "\r" in self.server_name:
             raise ValueError("server_name must not contain line breaks")
+
+    def destination_settings(self, name: str) -> DestinationSettings | None:
+        """The first :attr:`destinations` entry whose pattern matches ``name``, if any."""
+        for settings in self.destinations:
+            if fnmatchcase(name, settings.pattern):
+                return settings
+        return None
 
     def parser_limits(self) -> dict[str, int]:
         """The keyword arguments for ``FrameParser`` / ``open_peer``."""

@@ -13,6 +13,12 @@ bytes of one MESSAGE frame and returns True, or returns False (nothing queued) b
 that connection's outbound buffer is full. A sink must never call back into this module
 or the router from ``write`` or ``close``: the routing core is not re-entrant.
 
+Durability and expiry enter through two seams, so this module stays sans-I/O: a queue
+made with :class:`QueueHooks` asks them whether a message has expired before handing it
+out, tells them about each delivery of a stored message, and lets them dead-letter
+messages that came back too often; the :class:`Journal` is what the router writes
+persistent messages to (the broker's store implements it).
+
 Encoding happens here, once per message and protocol version: :meth:`Message.wire` is the
 serialized tail of the MESSAGE frame (``message-id``, ``destination``, the sender's
 headers, ``content-length``, body and NUL); per delivery only the ``subscription``, ``ack``
@@ -33,8 +39,10 @@ __all__ = [
     "AckMode",
     "Connection",
     "CoreCounters",
+    "Journal",
     "Message",
     "Queue",
+    "QueueHooks",
     "Sink",
     "Subscription",
     "Topic",
@@ -63,15 +71,69 @@ class Sink(Protocol):
         ...
 
 
+class Journal(Protocol):
+    """Where the router records what must survive a restart (the broker's store). Every
+    method returns at once: the store writes in the background, in batches."""
+
+    def put(
+        self,
+        queue: str,
+        destination: str,
+        message_id: str,
+        headers: Iterable[tuple[str, str]],
+        body: bytes,
+        expires: int = 0,
+        redeliveries: int = 0,
+    ) -> int:
+        """A persistent message entered ``queue``; returns its store key."""
+        ...
+
+    def delete(self, key: int) -> None:
+        """The message left the store (acknowledged, expired, dead-lettered)."""
+        ...
+
+    def set_redeliveries(self, key: int, count: int) -> None: ...
+
+    def delivered(self, queue: str, key: int) -> None:
+        """The message was handed to a consumer (the redelivered watermark)."""
+        ...
+
+    def add_durable(self, client_id: str, name: str, destination: str, queue: str) -> None: ...
+
+    def remove_durable(self, client_id: str, name: str, queue: str) -> None: ...
+
+
+class QueueHooks(Protocol):
+    """What a :class:`Queue` asks its router about expiry, stored messages and dead
+    letters. Hooks may publish to *other* queues, never touch the calling queue."""
+
+    def expire(self, queue: Queue, message: Message) -> bool:
+        """Called before handing out a message that has an ``expires`` time: return True
+        when it has expired (the hook has dropped or dead-lettered it; the queue forgets
+        it), False to deliver it."""
+        ...
+
+    def delivered(self, queue: Queue, message: Message, subscription: Subscription) -> None:
+        """A stored message (``store_key`` set) was written to ``subscription``."""
+        ...
+
+    def requeued(self, queue: Queue, messages: list[Message]) -> list[Message]:
+        """Messages came back (their ``redeliveries`` already counted): return those that
+        go back into the queue; the hook dead-letters the others."""
+        ...
+
+
 class CoreCounters:
     """Running totals shared by every destination of one router (plain ints: no locks
     are needed, the core runs on one thread)."""
 
     __slots__ = (
         "acked",
+        "dead_lettered",
         "delivered",
         "dropped",
         "enqueued",
+        "expired",
         "queued",
         "redelivered",
         "slow_consumers",
@@ -88,6 +150,8 @@ class CoreCounters:
         self.unrouted = 0  # messages published to a topic that had no subscriber
         self.slow_consumers = 0  # connections closed by the "disconnect" policy
         self.queued = 0  # messages waiting in queues right now
+        self.expired = 0  # messages that expired before delivery (dropped or dead-lettered)
+        self.dead_lettered = 0  # messages moved to a dead-letter queue
         self.unacked = 0  # messages delivered and not yet acknowledged right now
 
 
@@ -102,16 +166,20 @@ class Message:
       body: the body, untouched.
       redelivered: True once the message came back to its queue undelivered-for-good.
       redeliveries: how many times it came back (the seam for dead-lettering).
+      expires: absolute expiry time in ms since the epoch; 0 = never.
+      store_key: the key of its stored copy, or None when it is not persistent.
     """
 
     __slots__ = (
         "_wire",
         "body",
         "destination",
+        "expires",
         "headers",
         "message_id",
         "redelivered",
         "redeliveries",
+        "store_key",
     )
 
     def __init__(
@@ -132,7 +200,14 @@ class Message:
         self.body = body
         self.redelivered = False
         self.redeliveries = 0
+        self.expires = 0
+        self.store_key: int | None = None
         self._wire: dict[str, bytes] = {}
+
+    @property
+    def sender_headers(self) -> tuple[tuple[str, str], ...]:
+        """The headers the sender chose (without message-id, destination, content-length)."""
+        return self.headers[2:-1]
 
     def wire(self, version: str) -> bytes:
         """The MESSAGE frame's bytes after the per-delivery header lines, for ``version``.
@@ -194,6 +269,7 @@ class Connection:
         "_ack_counter",
         "ack_index",
         "alive",
+        "client_id",
         "session_id",
         "sink",
         "subscriptions",
@@ -216,6 +292,8 @@ class Connection:
         self.transactions: dict[str, list[Frame]] = {}
         # temp queue name (after /temp-queue/) -> the queue.
         self.temp_queues: dict[str, Queue] = {}
+        # The CONNECT client-id (durable subscriptions belong to it), if any.
+        self.client_id: str | None = None
         self._ack_counter = 0
 
     def next_ack_id(self) -> str:
@@ -346,15 +424,23 @@ class Queue:
     Attributes:
       name: the destination as clients name it (``/queue/a``, ``/temp-queue/x``...).
       owner: for a temp queue, the only connection that may subscribe; else None.
+      hooks: expiry, stored-message and dead-letter hooks (None: none of those).
     """
 
-    __slots__ = ("_counters", "_next", "messages", "name", "owner", "subscriptions")
+    __slots__ = ("_counters", "_next", "hooks", "messages", "name", "owner", "subscriptions")
 
     kind: Final = "queue"
 
-    def __init__(self, name: str, counters: CoreCounters, owner: Connection | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        counters: CoreCounters,
+        owner: Connection | None = None,
+        hooks: QueueHooks | None = None,
+    ) -> None:
         self.name = name
         self.owner = owner
+        self.hooks = hooks
         self.messages: deque[Message] = deque()
         self.subscriptions: list[Subscription] = []
         self._counters = counters
@@ -379,8 +465,12 @@ class Queue:
         for message in messages:
             message.redelivered = True
             message.redeliveries += 1
-        self.messages.extendleft(reversed(messages))
+        if self.hooks is not None:
+            messages = self.hooks.requeued(self, messages)
+            if not messages:
+                return
         self._counters.redelivered += len(messages)
+        self.messages.extendleft(reversed(messages))
         self._counters.queued += len(messages)
         self.dispatch()
 
@@ -401,7 +491,13 @@ class Queue:
         messages = self.messages
         subscriptions = self.subscriptions
         counters = self._counters
+        hooks = self.hooks
         while messages and subscriptions:
+            message = messages[0]
+            if message.expires and hooks is not None and hooks.expire(self, message):
+                messages.popleft()
+                counters.queued -= 1
+                continue
             count = len(subscriptions)
             start = self._next % count
             for step in range(count):
@@ -409,11 +505,12 @@ class Queue:
                 subscription = subscriptions[index]
                 if not subscription.has_credit:
                     continue
-                message = messages[0]
                 if subscription.offer(message, counters, message.redelivered):
                     messages.popleft()
                     counters.queued -= 1
                     self._next = index + 1
+                    if message.store_key is not None and hooks is not None:
+                        hooks.delivered(self, message, subscription)
                     break
             else:
                 return

@@ -16,20 +16,37 @@ unchanged by a frame that raised.
 
 It never handles CONNECT, DISCONNECT, receipts or heart-beats (the session does), never
 authenticates or authorizes (a later seam: the session asks before calling in), and never
-stores anything durably.
+writes to a disk: persistent queue messages and durable subscriptions are *journaled*
+(``Journal.put`` / ``delete``...) and the broker's store task commits them; the session
+holds back RECEIPTs until that commit.
+
+Durability, expiry and dead letters (issue 6) live here too, as the
+:class:`~._destinations.QueueHooks` every queue is made with: a message expires when its
+``expires`` header (ms since the epoch) or its destination's ``ttl`` has passed, by the
+injected ``clock`` (the router never reads one itself); it is then dropped or
+dead-lettered, and counted. A queue message that came back more than ``max_redeliveries``
+times moves to ``/queue/DLQ.NAME`` with ``original-destination``,
+``original-message-id``, ``dead-letter-reason`` and ``dead-letter-count`` headers. A
+durable topic subscription (CONNECT ``client-id`` + SUBSCRIBE
+``durable-subscription-name``) is an internal queue fed by its topic, bounded by
+``durable_backlog``.
 """
 
 from __future__ import annotations
 
+from collections import deque
+from collections.abc import Callable, Iterable
 from typing import Final
 
 from .._errors import LocalProtocolError, RemoteProtocolError
-from .._frames import Frame
+from .._frames import Frame, Headers
+from ._config import DestinationSettings
 from ._destinations import (
     ACK_MODES,
     AckMode,
     Connection,
     CoreCounters,
+    Journal,
     Message,
     Queue,
     Sink,
@@ -59,6 +76,30 @@ RESERVED_HEADERS: Final = frozenset(
     }
 )
 PREFETCH_HEADERS: Final = ("prefetch", "activemq.prefetchSize")
+#: SUBSCRIBE / UNSUBSCRIBE headers naming a durable topic subscription.
+DURABLE_HEADERS: Final = ("durable-subscription-name", "activemq.subscriptionName")
+#: Headers a dead letter carries (beside the sender's own).
+DEAD_LETTER_HEADERS: Final = (
+    "original-destination",
+    "original-message-id",
+    "dead-letter-reason",
+    "dead-letter-count",
+)
+#: Internal names of the queues behind durable subscriptions (never routable by clients).
+DURABLE_QUEUE_PREFIX: Final = "\x00durable/"
+_SETTINGS_CACHE_SIZE: Final = 10_000
+
+
+class Durable:
+    """A durable topic subscription: the queue that holds its messages while away."""
+
+    __slots__ = ("client_id", "name", "queue", "topic")
+
+    def __init__(self, client_id: str, name: str, topic: str, queue: Queue) -> None:
+        self.client_id = client_id
+        self.name = name
+        self.topic = topic
+        self.queue = queue
 
 
 class Router:
@@ -71,6 +112,17 @@ class Router:
       max_prefetch: the largest credit a SUBSCRIBE may ask for.
       slow_consumer_policy: ``"disconnect"`` or ``"drop"`` for topic subscribers.
       id_prefix: prepended to every message id (make it unique per broker run).
+      journal: where persistent messages and durable subscriptions are recorded (None:
+        nothing is persistent).
+      clock: returns the time in ms since the epoch (None: nothing ever expires).
+      settings: per-destination settings by name (persistent, ttl, dead letters).
+      max_redeliveries: returns beyond which a queue message is dead-lettered (0: never).
+      dead_letter_prefix: dead letters of ``/queue/NAME`` go to this + ``NAME``.
+      expiry_policy: ``"drop"`` or ``"dead-letter"``.
+      durable_backlog, durable_overflow: the bound of a durable subscription's queue and
+        what happens beyond it (``"drop-oldest"`` or ``"drop-newest"``).
+      on_expiring: called when the first message with an expiry time starts waiting (the
+        broker then runs :meth:`sweep_expired` until :attr:`expiring` is False).
     """
 
     def __init__(
@@ -81,6 +133,15 @@ class Router:
         max_prefetch: int = 100_000,
         slow_consumer_policy: str = "disconnect",
         id_prefix: str = "",
+        journal: Journal | None = None,
+        clock: Callable[[], int] | None = None,
+        settings: Callable[[str], DestinationSettings | None] | None = None,
+        max_redeliveries: int = 0,
+        dead_letter_prefix: str = "/queue/DLQ.",
+        expiry_policy: str = "drop",
+        durable_backlog: int = 10_000,
+        durable_overflow: str = "drop-oldest",
+        on_expiring: Callable[[], None] | None = None,
     ) -> None:
         if default_destination_type not in ("topic", "queue"):
             raise ValueError(f"unknown destination type {default_destination_type!r}")
@@ -96,6 +157,21 @@ class Router:
         self.connections: dict[str, Connection] = {}
         self._id_prefix = id_prefix
         self._message_counter = 0
+        self.journal = journal
+        self._clock = clock
+        self._settings_for = settings
+        self._settings_cache: dict[str, DestinationSettings | None] = {}
+        self.max_redeliveries = max_redeliveries
+        self.dead_letter_prefix = dead_letter_prefix
+        self.expiry_policy = expiry_policy
+        self.durable_backlog = durable_backlog
+        self.durable_overflow = durable_overflow
+        self.on_expiring = on_expiring
+        #: True while some waiting message may expire (the broker sweeps meanwhile).
+        self.expiring = False
+        self.durables: dict[tuple[str, str], Durable] = {}
+        self._durables_by_topic: dict[str, list[Durable]] = {}
+        self._durables_by_queue: dict[str, Durable] = {}
 
     # -- connections -------------------------------------------------------------------
 
@@ -150,7 +226,7 @@ class Router:
     def _temp_queue(self, connection: Connection, name: str) -> Queue:
         queue = connection.temp_queues.get(name)
         if queue is None:
-            queue = Queue(TEMP_QUEUE_PREFIX + name, self.counters, owner=connection)
+            queue = Queue(TEMP_QUEUE_PREFIX + name, self.counters, owner=connection, hooks=self)
             connection.temp_queues[name] = queue
             self.reply_queues[self._reply_name(connection, name)] = queue
         return queue
@@ -158,7 +234,7 @@ class Router:
     def _queue(self, name: str) -> Queue:
         queue = self.queues.get(name)
         if queue is None:
-            queue = self.queues[name] = Queue(name, self.counters)
+            queue = self.queues[name] = Queue(name, self.counters, hooks=self)
         return queue
 
     def _topic(self, name: str) -> Topic:
@@ -212,6 +288,7 @@ class Router:
         if not destination:
             raise RemoteProtocolError("SEND frame has no destination header")
         self._check_name(destination)
+        _expires(frame)
         transaction = headers.get("transaction")
         if transaction is not None:
             self._transaction(connection, transaction).append(frame)
@@ -221,7 +298,8 @@ class Router:
     def _publish(self, connection: Connection, frame: Frame, name: str) -> None:
         target = self._resolve(connection, name, subscribe=False)
         counters = self.counters
-        if target is None:
+        durables = self._durables_by_topic.get(name) if self._durables_by_topic else None
+        if target is None and not durables:
             # A topic without subscribers, or a reply queue whose owner left.
             counters.enqueued += 1
             if name.startswith(REPLY_QUEUE_PREFIX):
@@ -237,10 +315,40 @@ class Router:
                 queue = self._temp_queue(connection, value[len(TEMP_QUEUE_PREFIX) :])
                 value = self._reply_name(connection, queue.name[len(TEMP_QUEUE_PREFIX) :])
             passthrough.append((header, value))
+        expires = _expires(frame)  # validated by send()
+        settings = self._settings(name) if self._settings_for is not None else None
+        if not expires and settings is not None and settings.ttl and self._clock is not None:
+            expires = self._clock() + int(settings.ttl * 1000)
+            passthrough.append(("expires", str(expires)))
         self._message_counter += 1
         message = Message(
-            f"{self._id_prefix}{self._message_counter}", target.name, passthrough, frame.body
+            f"{self._id_prefix}{self._message_counter}",
+            name if target is None else target.name,
+            passthrough,
+            frame.body,
         )
+        if expires:
+            message.expires = expires
+            if self._clock is not None and expires <= self._clock():
+                counters.enqueued += 1
+                self._expired(message)
+                return
+            self._mark_expiring()
+        persistent = self.journal is not None and (
+            frame.headers.get("persistent") == "true"
+            or (settings is not None and settings.persistent)
+        )
+        if durables:
+            for durable in durables:
+                self._publish_durable(durable, message, persistent)
+            if target is None:
+                return
+        assert target is not None
+        if persistent and isinstance(target, Queue) and target.owner is None:
+            assert self.journal is not None
+            message.store_key = self.journal.put(
+                target.name, target.name, message.message_id, passthrough, frame.body, expires
+            )
         target.publish(message)
 
     # -- SUBSCRIBE / UNSUBSCRIBE ---------------------------------------------------------
@@ -286,7 +394,12 @@ class Router:
             subscription_prefix(subscription_id, connection.version)
         except LocalProtocolError as exc:
             raise RemoteProtocolError(f"subscription id cannot be encoded: {exc}") from None
-        target = self._resolve(connection, name, subscribe=True)
+        durable_name = _durable_name(headers)
+        target: Queue | Topic | None
+        if durable_name is not None:
+            target = self._durable_queue(connection, name, durable_name)
+        else:
+            target = self._resolve(connection, name, subscribe=True)
         assert target is not None  # only SEND resolves to None
         subscription = Subscription(
             connection, subscription_id, target, _ack_mode(ack_mode), prefetch
@@ -304,6 +417,10 @@ class Router:
             subscription with that id.
         """
         headers = frame.headers
+        durable_name = _durable_name(headers)
+        if durable_name is not None:
+            self._unsubscribe_durable(connection, headers.get("id"), durable_name)
+            return
         subscription_id = headers.get("id")
         if subscription_id is None:
             if connection.version == "1.0":
@@ -390,6 +507,8 @@ class Router:
         if not nack:
             counters.acked += len(messages)
             if isinstance(destination, Queue):
+                for message in messages:
+                    self._forget(message)
                 destination.dispatch()
             return
         if isinstance(destination, Queue):
@@ -398,6 +517,298 @@ class Router:
             counters.redelivered += len(messages)
             for message in messages:
                 destination.deliver(subscription, message, True)
+
+    # -- durability: stored messages, expiry, dead letters (QueueHooks) -------------------
+
+    def _settings(self, name: str) -> DestinationSettings | None:
+        cache = self._settings_cache
+        try:
+            return cache[name]
+        except KeyError:
+            pass
+        settings = self._settings_for(name) if self._settings_for is not None else None
+        if len(cache) >= _SETTINGS_CACHE_SIZE:
+            cache.clear()  # bounded: names can be made up by clients
+        cache[name] = settings
+        return settings
+
+    def _mark_expiring(self) -> None:
+        if not self.expiring:
+            self.expiring = True
+            if self.on_expiring is not None:
+                self.on_expiring()
+
+    def _forget(self, message: Message) -> None:
+        """The message leaves the broker for good: remove its stored copy."""
+        key = message.store_key
+        if key is not None:
+            message.store_key = None
+            assert self.journal is not None
+            self.journal.delete(key)
+
+    def expire(self, queue: Queue, message: Message) -> bool:
+        """QueueHooks: has ``message`` expired? If so drop or dead-letter it."""
+        if self._clock is None or message.expires > self._clock():
+            return False
+        self._expired(message)
+        return True
+
+    def _expired(self, message: Message) -> None:
+        self.counters.expired += 1
+        settings = self._settings(message.destination)
+        policy = (settings.expiry_policy if settings else None) or self.expiry_policy
+        if policy == "dead-letter":
+            self._dead_letter(message, "expired")
+        else:
+            self._forget(message)
+
+    def delivered(self, queue: Queue, message: Message, subscription: Subscription) -> None:
+        """QueueHooks: a stored message went out; auto-ack settles it at once."""
+        key = message.store_key
+        assert key is not None and self.journal is not None
+        if subscription.ack_mode == "auto":
+            self._forget(message)
+        else:
+            self.journal.delivered(queue.name, key)
+
+    def requeued(self, queue: Queue, messages: list[Message]) -> list[Message]:
+        """QueueHooks: dead-letter what came back too often; the rest goes back."""
+        keep: list[Message] = []
+        for message in messages:
+            settings = self._settings(message.destination)
+            limit = self.max_redeliveries
+            if settings is not None and settings.max_redeliveries is not None:
+                limit = settings.max_redeliveries
+            if limit and message.redeliveries > limit:
+                self._dead_letter(message, "max-redeliveries")
+                continue
+            if message.store_key is not None:
+                assert self.journal is not None
+                self.journal.set_redeliveries(message.store_key, message.redeliveries)
+            if message.expires:
+                self._mark_expiring()
+            keep.append(message)
+        return keep
+
+    def dead_letter_queue_name(self, destination: str) -> str:
+        """Where dead letters of ``destination`` go."""
+        settings = self._settings(destination)
+        if settings is not None and settings.dead_letter_queue:
+            return settings.dead_letter_queue
+        short = destination
+        for prefix in (QUEUE_PREFIX, TOPIC_PREFIX, TEMP_QUEUE_PREFIX):
+            if destination.startswith(prefix):
+                short = destination[len(prefix) :]
+                break
+        return self.dead_letter_prefix + short.lstrip("/")
+
+    def _dead_letter(self, message: Message, reason: str) -> None:
+        """Move ``message`` (already out of its queue and ledger) to its DLQ."""
+        persistent = message.store_key is not None
+        self._forget(message)
+        counters = self.counters
+        name = self.dead_letter_queue_name(message.destination)
+        if message.destination.startswith(self.dead_letter_prefix) or name == message.destination:
+            counters.dropped += 1  # a dead letter of a dead letter: no loops
+            return
+        headers = [
+            (header, value)
+            for header, value in message.sender_headers
+            if header not in DEAD_LETTER_HEADERS and header != "expires"
+        ]
+        headers += [
+            ("original-destination", message.destination),
+            ("original-message-id", message.message_id),
+            ("dead-letter-reason", reason),
+            ("dead-letter-count", str(message.redeliveries)),
+        ]
+        self._message_counter += 1
+        dead = Message(f"{self._id_prefix}{self._message_counter}", name, headers, message.body)
+        queue = self._queue(name)
+        settings = self._settings(name)
+        if self.journal is not None and (persistent or (settings and settings.persistent)):
+            dead.store_key = self.journal.put(
+                name, name, dead.message_id, headers, message.body, 0, 0
+            )
+        counters.dead_lettered += 1
+        queue.publish(dead)
+
+    def sweep_expired(self) -> int:
+        """Remove every expired message waiting in a queue (dropped or dead-lettered by
+        policy); returns how many. Clears :attr:`expiring` when no waiting message has an
+        expiry time left. Delivery checks expiry too: this only keeps unconsumed queues
+        from holding expired messages."""
+        if self._clock is None:
+            self.expiring = False
+            return 0
+        now = self._clock()
+        queues = [
+            *self.queues.values(),
+            *self.reply_queues.values(),
+            *(durable.queue for durable in self.durables.values()),
+        ]
+        expired: list[Message] = []
+        remaining = False
+        for queue in queues:
+            messages = queue.messages
+            if not any(message.expires for message in messages):
+                continue
+            keep: deque[Message] = deque()
+            for message in messages:
+                if message.expires and message.expires <= now:
+                    expired.append(message)
+                else:
+                    keep.append(message)
+                    remaining = remaining or bool(message.expires)
+            if len(keep) != len(messages):
+                self.counters.queued -= len(messages) - len(keep)
+                messages.clear()
+                messages.extend(keep)
+                if queue.idle and queue.owner is None and self.queues.get(queue.name) is queue:
+                    del self.queues[queue.name]
+        for message in expired:
+            self._expired(message)
+        self.expiring = remaining
+        return len(expired)
+
+    # -- durable subscriptions ---------------------------------------------------------
+
+    def _is_topic_name(self, name: str) -> bool:
+        if name.startswith(TOPIC_PREFIX):
+            return True
+        for prefix in (QUEUE_PREFIX, TEMP_QUEUE_PREFIX, REPLY_QUEUE_PREFIX):
+            if name.startswith(prefix):
+                return False
+        return self.default_destination_type == "topic"
+
+    def _add_durable(self, client_id: str, name: str, topic: str) -> Durable:
+        queue_name = f"{DURABLE_QUEUE_PREFIX}{client_id}/{name}"
+        durable = Durable(client_id, name, topic, Queue(queue_name, self.counters, hooks=self))
+        self.durables[(client_id, name)] = durable
+        self._durables_by_topic.setdefault(topic, []).append(durable)
+        self._durables_by_queue[queue_name] = durable
+        return durable
+
+    def _drop_durable(self, durable: Durable) -> None:
+        del self.durables[(durable.client_id, durable.name)]
+        del self._durables_by_queue[durable.queue.name]
+        siblings = self._durables_by_topic[durable.topic]
+        siblings.remove(durable)
+        if not siblings:
+            del self._durables_by_topic[durable.topic]
+        queue = durable.queue
+        for message in queue.messages:
+            self._forget(message)
+        self.counters.queued -= len(queue.messages)
+        self.counters.dropped += len(queue.messages)
+        queue.messages.clear()
+        if self.journal is not None:
+            self.journal.remove_durable(durable.client_id, durable.name, queue.name)
+
+    def _durable_queue(self, connection: Connection, topic: str, name: str) -> Queue:
+        """The queue behind durable subscription ``name`` of the connection's client-id
+        on ``topic``, made if new (re-made if it was on another topic)."""
+        client_id = connection.client_id
+        if not client_id:
+            raise RemoteProtocolError("a durable subscription needs a client-id header on CONNECT")
+        if not self._is_topic_name(topic):
+            raise RemoteProtocolError(
+                f"durable subscriptions are for topics; {topic!r} is not a topic"
+            )
+        durable = self.durables.get((client_id, name))
+        if durable is not None and durable.queue.subscriptions:
+            raise RemoteProtocolError(
+                f"durable subscription {name!r} of client-id {client_id!r} is already active"
+            )
+        if durable is not None and durable.topic != topic:
+            self._drop_durable(durable)
+            durable = None
+        if durable is None:
+            durable = self._add_durable(client_id, name, topic)
+            if self.journal is not None:
+                self.journal.add_durable(client_id, name, topic, durable.queue.name)
+        return durable.queue
+
+    def _publish_durable(self, durable: Durable, message: Message, persistent: bool) -> None:
+        queue = durable.queue
+        counters = self.counters
+        if len(queue.messages) >= self.durable_backlog:
+            counters.dropped += 1
+            if self.durable_overflow == "drop-newest":
+                return
+            oldest = queue.messages.popleft()
+            counters.queued -= 1
+            self._forget(oldest)
+        copy = Message(
+            message.message_id, message.destination, message.sender_headers, message.body
+        )
+        copy.expires = message.expires
+        if persistent:
+            assert self.journal is not None
+            copy.store_key = self.journal.put(
+                queue.name,
+                copy.destination,
+                copy.message_id,
+                copy.sender_headers,
+                copy.body,
+                copy.expires,
+            )
+        queue.publish(copy)
+
+    def _unsubscribe_durable(
+        self, connection: Connection, subscription_id: str | None, name: str
+    ) -> None:
+        """UNSUBSCRIBE naming a durable subscription: end it for good (its waiting
+        messages are dropped)."""
+        subscription = None
+        if subscription_id is not None:
+            subscription = connection.subscriptions.get(subscription_id)
+            if subscription is not None:
+                self._remove_subscription(subscription)
+        durable = self.durables.get((connection.client_id or "", name))
+        if durable is None:
+            if subscription is None:
+                raise RemoteProtocolError(
+                    f"no durable subscription {name!r} for client-id {connection.client_id!r}"
+                )
+            return
+        if durable.queue.subscriptions:
+            raise RemoteProtocolError(f"durable subscription {name!r} is active elsewhere")
+        self._drop_durable(durable)
+
+    # -- recovery ------------------------------------------------------------------------
+
+    def restore_durable(self, client_id: str, name: str, topic: str, queue: str) -> None:
+        """Re-create a durable subscription from the store (before any connection)."""
+        durable = self._add_durable(client_id, name, topic)
+        assert durable.queue.name == queue, (durable.queue.name, queue)
+
+    def restore_message(
+        self,
+        *,
+        key: int,
+        queue: str,
+        destination: str,
+        message_id: str,
+        headers: Iterable[tuple[str, str]],
+        body: bytes,
+        expires: int,
+        redeliveries: int,
+        redelivered: bool,
+    ) -> None:
+        """Put a stored message back at the end of its queue (call in store order)."""
+        durable = self._durables_by_queue.get(queue)
+        target = durable.queue if durable is not None else self._queue(queue)
+        message = Message(message_id, destination, headers, body)
+        message.store_key = key
+        message.expires = expires
+        message.redeliveries = redeliveries
+        message.redelivered = redelivered
+        target.messages.append(message)
+        self.counters.enqueued += 1
+        self.counters.queued += 1
+        if expires:
+            self.expiring = True
 
     # -- transactions --------------------------------------------------------------------
 
@@ -449,6 +860,30 @@ class Router:
         transaction = self._transaction_id(frame)
         self._transaction(connection, transaction)
         del connection.transactions[transaction]
+
+
+def _expires(frame: Frame) -> int:
+    """The ``expires`` header: ms since the epoch, 0 (or absent) for never.
+
+    Raises:
+      RemoteProtocolError: it is not a non-negative integer.
+    """
+    value = frame.headers.get("expires")
+    if not value:
+        return 0
+    if not (value.isascii() and value.isdigit()):
+        raise RemoteProtocolError(
+            f"expires must be a time in ms since the epoch (0: never), not {value!r}"
+        )
+    return int(value)
+
+
+def _durable_name(headers: Headers) -> str | None:
+    for header in DURABLE_HEADERS:
+        value = headers.get(header)
+        if value is not None:
+            return value
+    return None
 
 
 def _ack_mode(value: str) -> AckMode:

@@ -234,10 +234,10 @@ class Store:
             self._watermarks[queue] = key
             self._wake()
 
-    def add_durable(self, record: DurableRecord) -> None:
-        """Journal a new durable subscription."""
+    def add_durable(self, client_id: str, name: str, destination: str, queue: str) -> None:
+        """Journal a new durable subscription (see :class:`DurableRecord`)."""
         if self.persistent:
-            self._append(("durable+", record), 64)
+            self._append(("durable+", DurableRecord(client_id, name, destination, queue)), 64)
 
     def remove_durable(self, client_id: str, name: str, queue: str) -> None:
         """Journal the removal of a durable subscription and every message it held."""

@@ -5,7 +5,7 @@ in-memory connections, shutdown) and the shared heart-beat ticker. The task tree
 design.md::
 
     broker root (shielded from the caller's cancellation; bounded by the grace period)
-    ├── housekeeping nursery      heart-beat ticker (later: expiry sweeper, store flusher)
+    ├── housekeeping nursery      heart-beat ticker, expiry sweeper, store task
     │   └── connections nursery   one Session.run per connection
     │       └── listeners scope   accept loops
     ...
@@ -26,6 +26,7 @@ import itertools
 import logging
 import math
 import secrets
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any, Final
@@ -39,6 +40,7 @@ from ._config import Config
 from ._listeners import listener_url, open_listeners, remote_address
 from ._router import Router
 from ._session import Session
+from ._store import MemoryStore, Recovered, Store, open_store_from_url
 
 __all__ = ["Broker", "BrokerStatistics", "open_broker", "serve_broker"]
 
@@ -73,6 +75,9 @@ class BrokerStatistics:
       errors_sent: ERROR frames sent.
       bytes_in: bytes received from clients (heart-beats included).
       bytes_out: bytes sent to clients (heart-beats included).
+      messages_expired: messages that expired before delivery (dropped or dead-lettered).
+      messages_dead_lettered: messages moved to a dead-letter queue.
+      messages_stored: persistent messages in the store now.
     """
 
     connections: int
@@ -93,6 +98,9 @@ class BrokerStatistics:
     errors_sent: int
     bytes_in: int
     bytes_out: int
+    messages_expired: int = 0
+    messages_dead_lettered: int = 0
+    messages_stored: int = 0
 
     @property
     def destinations(self) -> int:
@@ -157,6 +165,52 @@ class Broker:
     _closed_bytes_in: int = 0
     _closed_bytes_out: int = 0
     _closed_errors: int = 0
+    store: Store = attrs.Factory(lambda self: _store_of(self.router), takes_self=True)
+    _expiry_wakeup: trio.Event = attrs.Factory(trio.Event)
+
+    def __attrs_post_init__(self) -> None:
+        self.router.on_expiring = self._expiring_started
+
+    def _expiring_started(self) -> None:
+        self._expiry_wakeup.set()
+
+    async def _sweep_expired(self) -> None:
+        """Housekeeping: while messages with an expiry time wait, sweep the expired ones
+        out of the queues every ``expiry_sweep_interval`` seconds."""
+        interval = self.config.expiry_sweep_interval
+        while True:
+            if not self.router.expiring:
+                self._expiry_wakeup = trio.Event()
+                await self._expiry_wakeup.wait()
+            await trio.sleep(interval)
+            self.router.sweep_expired()
+
+    def _restore(self, recovered: Recovered) -> None:
+        router = self.router
+        for durable in recovered.durables:
+            router.restore_durable(
+                durable.client_id, durable.name, durable.destination, durable.queue
+            )
+        for message in recovered.messages:
+            router.restore_message(
+                key=message.key,
+                queue=message.queue,
+                destination=message.destination,
+                message_id=message.message_id,
+                headers=message.headers,
+                body=message.body,
+                expires=message.expires,
+                redeliveries=message.redeliveries,
+                redelivered=message.redelivered,
+            )
+        if recovered.messages or recovered.durables:
+            logger.info(
+                "recovered %d message(s) and %d durable subscription(s) from the %s store%s",
+                len(recovered.messages),
+                len(recovered.durables),
+                self.store.kind,
+                "" if recovered.clean else " (after an unclean stop)",
+            )
 
     # -- public --------------------------------------------------------------------------
 
@@ -197,6 +251,9 @@ class Broker:
             errors_sent=errors,
             bytes_in=bytes_in,
             bytes_out=bytes_out,
+            messages_expired=counters.expired,
+            messages_dead_lettered=counters.dead_lettered,
+            messages_stored=self.store.statistics().stored,
         )
 
     def connect_in_memory(self) -> trio.abc.Stream:
@@ -234,6 +291,7 @@ class Broker:
             router=self.router,
             register_heart_beat=self._ticker.add,
             on_closed=self._session_closed,
+            store=self.store,
         )
         self._sessions.add(session)
         self._connections_total += 1
@@ -267,8 +325,11 @@ class Broker:
         # Shielded: the caller's cancellation starts the graceful shutdown (open_broker's
         # exit calls close()) instead of killing sessions mid-frame. Bounded by the grace.
         with trio.CancelScope(shield=True) as root:
+            self._restore(await self.store.open())
             async with trio.open_nursery() as housekeeping:
                 housekeeping.start_soon(self._ticker.run)
+                await housekeeping.start(self.store.run)
+                housekeeping.start_soon(self._sweep_expired)
                 async with trio.open_nursery() as connections:
                     self._connections = connections
                     with trio.CancelScope() as self._listeners_scope:
@@ -299,19 +360,49 @@ class Broker:
                         logger.info("shutting down: closing %d connection(s)", len(sessions))
                     for session in sessions:
                         session.shutdown()
-                # 3. sessions are done; housekeeping goes last.
+                # 3. sessions are done: commit what they journaled; housekeeping goes last.
+                await self.store.close()
                 housekeeping.cancel_scope.cancel()
         self._connections = None
         logger.info("broker stopped")
 
 
+class _WallClock:
+    """Milliseconds since the epoch that advance with Trio's clock (so a test's autojump
+    clock drives expiry), anchored to the wall clock on the first call."""
+
+    def __init__(self) -> None:
+        self._anchor: tuple[float, float] | None = None
+
+    def __call__(self) -> int:
+        now = trio.current_time()
+        if self._anchor is None:
+            self._anchor = (time.time(), now)
+        wall, start = self._anchor
+        return int((wall + now - start) * 1000)
+
+
+def _store_of(router: Router) -> Store:
+    journal = router.journal
+    return journal if isinstance(journal, Store) else MemoryStore()
+
+
 def _make_broker(config: Config) -> Broker:
+    store = open_store_from_url(config.store, sync=config.store_sync)
     router = Router(
         default_destination_type=config.default_destination_type,
         prefetch=config.prefetch,
         max_prefetch=config.max_prefetch,
         slow_consumer_policy=config.slow_consumer_policy,
         id_prefix=f"{secrets.token_hex(4)}-",
+        journal=store if store.persistent else None,
+        clock=_WallClock(),
+        settings=config.destination_settings if config.destinations else None,
+        max_redeliveries=config.max_redeliveries,
+        dead_letter_prefix=config.dead_letter_prefix,
+        expiry_policy=config.expiry_policy,
+        durable_backlog=config.durable_backlog,
+        durable_overflow=config.durable_overflow,
     )
     return Broker(config=config, router=router)
 

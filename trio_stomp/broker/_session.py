@@ -14,6 +14,11 @@ Only receipts that find this connection's own outbound buffer full are deferred 
 end of the batch and awaited there, which pushes back on this client: its frames are not
 read while it does not read ours.
 
+With a persistent store, a RECEIPT is only sent once everything the store had journaled
+when the receipted frame was applied is committed (a persistent SEND is on disk before its
+RECEIPT); such receipts are deferred to the end of the batch like the ones above, and
+while the store has too much uncommitted data the session stops reading.
+
 It must never raise out of :meth:`Session.run` (one bad connection never takes the broker
 down: unexpected errors are logged and close only this connection), never outlive the
 broker's connections nursery, and never touch another connection except through the
@@ -42,6 +47,7 @@ from .._peer import Peer, PeerStatistics, open_peer
 from ._config import Config
 from ._destinations import Connection
 from ._router import Router
+from ._store import Store
 
 __all__ = ["Session"]
 
@@ -68,6 +74,7 @@ class Session:
     router: Router
     register_heart_beat: Callable[[Peer], None]
     on_closed: Callable[[Session, PeerStatistics | None], None]
+    store: Store | None = None
     version: str | None = None
     peer: Peer | None = None
     connection: Connection | None = None
@@ -78,6 +85,7 @@ class Session:
     _nursery: trio.Nursery | None = None
     _draining: bool = False
     _deferred: list[Frame] = attrs.Factory(list)
+    _barrier: int = 0  # store position the deferred receipts wait for (0: none)
 
     # -- control from outside (broker, routing core) -----------------------------------
 
@@ -241,6 +249,7 @@ class Session:
             connected.insert(1, ("heart-beat", format_heart_beat(self.config.heart_beat)))
         peer.send_nowait(Frame("CONNECTED", connected))
         self.connection = self.router.connect(self.session_id, version, self)
+        self.connection.client_id = headers.get("client-id") or None
         send_every, expect_every = negotiate_heart_beat(self.config.heart_beat, client_heart_beat)
         if send_every or expect_every:
             peer.set_heart_beat(send_every, expect_every)
@@ -289,9 +298,13 @@ class Session:
                     if self._stop_reason is not None:
                         break
                 if deferred:
+                    if self._barrier:
+                        await self._wait_store()
                     while deferred:
                         await peer.send(deferred[0])
                         del deferred[0]
+                if self.store is not None and self.store.backlogged:
+                    await self.store.wait_committed(self.store.barrier())
                 if self._stop_reason is not None:
                     break
         if self._stop_reason == _LOST:
@@ -309,7 +322,15 @@ class Session:
         raise RemoteProtocolError(f"unknown command {command!r}")
 
     def _control(self, peer: Peer, frame: Frame) -> None:
-        """Queue a RECEIPT without waiting; defer it (in order) if the buffer is full."""
+        """Queue a RECEIPT without waiting; defer it (in order) if the buffer is full or
+        the store has not yet committed what was journaled before it."""
+        store = self.store
+        if store is not None:
+            position = store.barrier()
+            if not store.is_committed(position):
+                self._barrier = position
+                self._deferred.append(frame)
+                return
         if not self._deferred:
             try:
                 peer.send_nowait(frame)
@@ -318,7 +339,20 @@ class Session:
                 pass
         self._deferred.append(frame)
 
+    async def _wait_store(self) -> None:
+        """Wait until the store committed what the deferred receipts promise.
+
+        Raises:
+          RuntimeError: the store failed (the connection closes without those receipts).
+        """
+        assert self.store is not None
+        await self.store.wait_committed(self._barrier)
+        self._barrier = 0
+
     async def _disconnect(self, peer: Peer, frame: Frame) -> None:
+        if self.store is not None:
+            self._barrier = self.store.barrier()
+            await self._wait_store()
         for pending in self._deferred:
             await peer.send(pending)
         self._deferred.clear()

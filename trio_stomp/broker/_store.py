@@ -177,6 +177,7 @@ class Store:
         self._cancelled = 0
         self._closed = False
         self._failed: BaseException | None = None
+        self._flush_lock = trio.Lock()  # the store task and close() never write at once
 
     # -- journal (sync, called by the routing core) --------------------------------------
 
@@ -312,9 +313,10 @@ class Store:
         """
         task_status.started()
         try:
-            while True:
+            while not self._closed:
                 await self._has_work.wait()
-                await self.flush()
+                if not self._closed:
+                    await self.flush()
         except BaseException as exc:
             if not isinstance(exc, trio.Cancelled):
                 self._failed = exc
@@ -322,8 +324,16 @@ class Store:
             raise
 
     async def flush(self) -> None:
-        """Commit everything journaled so far (one transaction). Only the store task and
-        :meth:`close` call it, never concurrently."""
+        """Commit everything journaled so far (one transaction); waits for a commit that
+        is already running first.
+
+        Raises:
+          sqlite3.Error, OSError: the write failed.
+        """
+        async with self._flush_lock:
+            await self._flush()
+
+    async def _flush(self) -> None:
         self._has_work = trio.Event()
         ops = self._ops
         watermarks = self._watermarks
@@ -355,6 +365,7 @@ class Store:
         if self._closed:
             return
         self._closed = True
+        self._wake()  # the store task ends after its current batch
         if self._failed is None:
             await self.flush()
 

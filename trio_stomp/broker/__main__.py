@@ -128,6 +128,61 @@ def _parser() -> argparse.ArgumentParser:
         help="received chunks (up to 64 KiB each) parsed ahead of routing per connection "
         "(default: 4)",
     )
+    add(
+        "--store",
+        metavar="URL",
+        help="where persistent messages and durable subscriptions are kept: 'memory' "
+        "(nothing survives the process) or sqlite:PATH (default: memory)",
+    )
+    add(
+        "--store-sync",
+        choices=("full", "normal"),
+        help="SQLite commit durability: 'full' survives a power loss, 'normal' a broker "
+        "crash (default: full)",
+    )
+    add(
+        "--max-redeliveries",
+        type=int,
+        metavar="N",
+        help="dead-letter a queue message that came back more than N times (NACK, consumer "
+        "lost); 0 = never (default: 10)",
+    )
+    add(
+        "--dead-letter-prefix",
+        metavar="PREFIX",
+        help="dead letters of /queue/NAME go to PREFIX+NAME (default: /queue/DLQ.)",
+    )
+    add(
+        "--expiry-policy",
+        choices=("drop", "dead-letter"),
+        help="what happens to a message whose 'expires' time passed before delivery "
+        "(default: drop)",
+    )
+    add(
+        "--expiry-sweep-interval",
+        type=float,
+        metavar="SECONDS",
+        help="how often expired messages are removed from unconsumed queues (default: 1)",
+    )
+    add(
+        "--durable-backlog",
+        type=int,
+        metavar="N",
+        help="messages a durable subscription keeps while its client is away (default: 10000)",
+    )
+    add(
+        "--destinations",
+        metavar="TOML",
+        help="per-destination settings as inline TOML, one key per pattern, e.g. "
+        "'\"/queue/orders.*\" = {persistent = true, ttl = 60, max_redeliveries = 3}' "
+        "(keys: persistent, ttl, expiry_policy, max_redeliveries, dead_letter_queue; in a "
+        '--config file: [destinations."PATTERN"] tables)',
+    )
+    add(
+        "--durable-overflow",
+        choices=("drop-oldest", "drop-newest"),
+        help="what a full durable subscription drops (default: drop-oldest)",
+    )
     add("--server-name", metavar="NAME", help="the CONNECTED frame's server header")
     return parser
 

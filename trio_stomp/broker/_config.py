@@ -139,7 +139,13 @@ class DestinationSettings:
 
 
 def _destinations_converter(value: Any) -> tuple[DestinationSettings, ...]:
-    """``{pattern: {key: value}}`` (TOML tables) or a sequence of DestinationSettings."""
+    """``{pattern: {key: value}}`` (TOML tables), the same as an inline TOML string (the
+    CLI flag), or a sequence of DestinationSettings."""
+    if isinstance(value, str):
+        try:
+            value = tomllib.loads(value)
+        except tomllib.TOMLDecodeError as exc:
+            raise ValueError(f"destinations: {exc}") from None
     if isinstance(value, Mapping):
         result = []
         for pattern, table in value.items():

@@ -163,6 +163,23 @@ async def test_several_frames_go_out_in_one_send_all() -> None:
         assert peer.statistics().frames_out == 10
 
 
+async def test_a_sending_loop_is_coalesced_into_few_writes() -> None:
+    async with peer_pair() as (peer, remote, recording):
+        for n in range(200):
+            await peer.send(message(n))  # a checkpoint per frame
+        await peer.flush()
+        assert len(recording.writes) <= 200 // 8
+        assert await remote.frames(200) == [message(n) for n in range(200)]
+
+
+async def test_a_lone_frame_is_written_promptly() -> None:
+    async with peer_pair() as (peer, _remote, recording):
+        await peer.send(message(1))
+        for _ in range(3):  # a few scheduling rounds, no clock time at all
+            await trio.lowlevel.checkpoint()
+        assert len(recording.writes) == 1
+
+
 async def test_one_chunk_is_one_batch() -> None:
     async with peer_pair() as (peer, remote, _):
         await remote.send(*(message(n) for n in range(5)))

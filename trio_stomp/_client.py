@@ -139,14 +139,23 @@ async def _open_ssl(url: SplitResult, ssl_context: ssl.SSLContext | None) -> tri
     )
 
 
-#: URL scheme → transport. Other transports (the WebSocket issue adds ``ws``/``wss``) register
-#: here; each returns a connected ``trio.abc.Stream`` carrying STOMP bytes.
+async def _open_websocket(url: SplitResult, ssl_context: ssl.SSLContext | None) -> trio.abc.Stream:
+    # Imported here: STOMP over WebSocket needs the ``websocket`` extra (wsproto).
+    from ._websocket import open_websocket_stream
+
+    return await open_websocket_stream(url.geturl(), ssl_context=ssl_context)
+
+
+#: URL scheme → transport. Other transports register here; each returns a connected
+#: ``trio.abc.Stream`` carrying STOMP bytes.
 TRANSPORTS: dict[str, Transport] = {
     "stomp": _open_tcp,
     "tcp": _open_tcp,
     "stomp+ssl": _open_ssl,
     "stomp+tls": _open_ssl,
     "ssl": _open_ssl,
+    "ws": _open_websocket,
+    "wss": _open_websocket,
 }
 
 
@@ -1369,8 +1378,9 @@ async def open_client(
 
     ``url`` is ``stomp://host:port`` (default port 61613) or ``stomp+ssl://host:port``
     (61614; ``ssl_context`` defaults to ``ssl.create_default_context()``), optionally with
-    ``user:password@``. A list of URLs is a failover list, tried in order (and in turn when
-    reconnecting).
+    ``user:password@``; or STOMP over WebSocket, ``ws://host:port/path`` / ``wss://...``
+    (ports 80 / 443 by default; needs ``trio-stomp[websocket]``). A list of URLs is a
+    failover list, tried in order (and in turn when reconnecting).
     """
     urls = [url] if isinstance(url, str) else list(url)
     endpoints = [_endpoint_from_url(u, ssl_context) for u in urls]

@@ -15,9 +15,13 @@ The hot path
   chunk completed goes over the channel as *one* list (``receive_batch()``). There is no
   await per frame.
 - Outbound: ``send``/``send_bytes`` append encoded bytes to a list and wake the writer; the
-  writer takes *all* pending bytes and writes them with one ``send_all``. Only the writer ever
-  calls ``send_all``: a cancelled or failed write may have written part of a frame, so it breaks
-  the peer (:class:`ConnectionLost` on every later send) instead of leaving it half-written.
+  writer takes *all* pending bytes and writes them with one ``send_all``. A task that sends
+  in a loop adds one frame per scheduling round, so while the buffer keeps growing the writer
+  lets a few more rounds pass (at most ``COALESCE_ROUNDS``, or until ``COALESCE_BYTES`` or a
+  quarter of ``max_send_buffer`` are pending) before writing; a lone frame costs two extra
+  rounds. Only the writer ever calls ``send_all``: a cancelled or failed write may have written
+  part of a frame, so it breaks the peer (:class:`ConnectionLost` on every later send) instead
+  of leaving it half-written.
 
 Bounds and back-pressure
 ------------------------
@@ -72,6 +76,10 @@ __all__ = ["Peer", "PeerStatistics", "open_peer"]
 
 #: Bytes asked of the stream per read.
 RECEIVE_SIZE = 65536
+#: The writer waits at most this many scheduling rounds for more frames before a send_all...
+COALESCE_ROUNDS = 32
+#: ... and stops waiting once this many bytes are pending.
+COALESCE_BYTES = 65536
 
 _STREAM_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 
@@ -330,6 +338,27 @@ class Peer:
                 self._writer_wake = trio.Event()
                 await self._writer_wake.wait()
                 continue
+            # Coalesce: a task sending in a loop adds one frame per scheduling round (each
+            # send is a checkpoint). While the buffer keeps growing, give the senders a few
+            # more rounds, so that one send_all carries many frames instead of one each.
+            # A lone frame (nothing more arrives) is written after two rounds.
+            # (Two quiet rounds, not one: trio runs each round's tasks in a random order, so
+            # one round without growth is often just the sender being scheduled after us.)
+            # Never wait near the bound: a full buffer would push senders back (and a broker
+            # would take its subscriber for a slow consumer) only because we were waiting.
+            enough = min(COALESCE_BYTES, self._send_limit // 4)
+            quiet = 0
+            for _ in range(COALESCE_ROUNDS):
+                if self._pending_bytes >= enough:
+                    break
+                before = self._enqueued_total
+                await trio.lowlevel.cancel_shielded_checkpoint()
+                if self._enqueued_total == before:
+                    quiet += 1
+                    if quiet == 2:
+                        break
+                else:
+                    quiet = 0
             pending = self._pending
             data = pending[0] if len(pending) == 1 else b"".join(pending)
             n = self._pending_bytes

@@ -1,0 +1,151 @@
+"""Client throughput: trio_stomp's client publishing to and consuming from RabbitMQ.
+
+Run: ``python benchmarks/bench_client_rabbitmq.py`` starts a private RabbitMQ node (the test
+suite's ``tests/_rabbitmq.py``: own node name, own ports on 127.0.0.1, data under a temp dir),
+runs the scenarios and stops it. ``--port PORT`` uses an already running broker instead
+(RabbitMQ, or ``python -m trio_stomp.broker``; pass ``--vhost`` to suit it).
+
+Scenarios, each with ``--count`` messages of ``--body`` bytes (100 by default) on a fresh
+queue, printed as messages per second:
+
+- publish: one client sends N messages without receipts, the last one with a receipt (so
+  the clock stops when the broker has processed all of them);
+- consume auto: N messages are waiting; one ``ack:auto`` subscription receives them all;
+- consume client-individual: the same, with one ACK per message (``prefetch-count`` 1000);
+- publish+consume: one client publishes while another consumes (auto), end to end.
+
+It asserts nothing: the figures are for people. Every loop is bounded by ``--count``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import pathlib
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import trio
+
+from trio_stomp import Client, open_client
+
+TESTS = pathlib.Path(__file__).resolve().parent.parent / "tests"
+
+
+@contextlib.contextmanager
+def broker_port(args: argparse.Namespace) -> Iterator[int]:
+    if args.port:
+        yield args.port
+        return
+    sys.path.insert(0, str(TESTS))
+    from _rabbitmq import find_rabbitmq_server, run_rabbitmq
+
+    if find_rabbitmq_server() is None:
+        sys.exit("RabbitMQ is not installed (apt-get install rabbitmq-server), or pass --port")
+    with tempfile.TemporaryDirectory(prefix="bench-rabbitmq-") as base:
+        print("starting a private RabbitMQ node...", flush=True)
+        with run_rabbitmq(pathlib.Path(base)) as node:
+            yield node.stomp_port
+
+
+def client(args: argparse.Namespace, port: int) -> contextlib.AbstractAsyncContextManager[Client]:
+    options: dict[str, Any] = {
+        "login": args.login,
+        "passcode": args.passcode,
+        "vhost": args.vhost,
+        "heart_beat": (0, 0),
+    }
+    return open_client(f"stomp://127.0.0.1:{port}", **options)
+
+
+async def publish(c: Client, queue: str, count: int, body: bytes) -> None:
+    for _ in range(count - 1):
+        await c.send(queue, body)
+    await c.send(queue, body, receipt=True)
+
+
+async def bench_publish(args: argparse.Namespace, port: int, queue: str) -> float:
+    body = b"x" * args.body
+    async with client(args, port) as c:
+        start = time.perf_counter()
+        await publish(c, queue, args.count, body)
+        return time.perf_counter() - start
+
+
+async def bench_consume(args: argparse.Namespace, port: int, queue: str, ack: str) -> float:
+    headers = {"prefetch-count": "1000"} if ack != "auto" else None
+    async with client(args, port) as c:
+        start = time.perf_counter()
+        async with c.subscribe(queue, ack=ack, headers=headers) as sub:  # type: ignore[arg-type]
+            for _ in range(args.count):
+                message = await sub.receive()
+                if ack != "auto":
+                    await message.ack()
+            elapsed = time.perf_counter() - start
+            if ack != "auto":
+                await c.send(queue + "-sync", b"", receipt=True)  # all ACKs processed
+        return elapsed
+
+
+async def bench_pipeline(args: argparse.Namespace, port: int, queue: str) -> float:
+    body = b"x" * args.body
+    async with (
+        client(args, port) as consumer,
+        client(args, port) as producer,
+        consumer.subscribe(queue, receipt=True) as sub,
+    ):
+        start = time.perf_counter()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(publish, producer, queue, args.count, body)
+            for _ in range(args.count):
+                await sub.receive()
+        return time.perf_counter() - start
+
+
+async def run(args: argparse.Namespace, port: int) -> None:
+    rows: list[tuple[str, float]] = []
+    for round_ in range(args.repeat):
+        queue = f"/queue/bench-client-{uuid.uuid4().hex[:8]}"
+        results = {
+            "publish": await bench_publish(args, port, queue),
+            "consume auto": await bench_consume(args, port, queue, "auto"),
+        }
+        await bench_publish(args, port, queue)
+        results["consume client-individual (ACK each)"] = await bench_consume(
+            args, port, queue, "client-individual"
+        )
+        results["publish+consume (2 clients)"] = await bench_pipeline(
+            args, port, f"/queue/bench-pipe-{uuid.uuid4().hex[:8]}"
+        )
+        for label, elapsed in results.items():
+            rows.append((label, elapsed))
+        print(f"round {round_ + 1}/{args.repeat} done", flush=True)
+    print(f"\n{args.count} messages of {args.body} bytes, best of {args.repeat}:")
+    print(f"{'scenario':40} {'msgs/s':>10} {'seconds':>9}")
+    for label in dict.fromkeys(label for label, _ in rows):
+        best = min(elapsed for name, elapsed in rows if name == label)
+        print(f"{label:40} {args.count / best:10.0f} {best:9.3f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--port", type=int, default=0, help="use a running broker's STOMP port")
+    parser.add_argument("--count", type=int, default=50_000)
+    parser.add_argument("--body", type=int, default=100, help="body size in bytes")
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--login", default="guest")
+    parser.add_argument("--passcode", default="guest")
+    parser.add_argument("--vhost", default="/")
+    args = parser.parse_args()
+    if not 0 < args.count <= 10_000_000:
+        parser.error("--count must be between 1 and 10,000,000")
+    with broker_port(args) as port:
+        trio.run(run, args, port)
+
+
+if __name__ == "__main__":
+    main()

@@ -252,17 +252,18 @@ async def test_any_path_when_path_is_none() -> None:
     assert stream.resource == "/anything"
 
 
-async def test_send_all_waits_for_the_handshake_run_by_the_reader() -> None:
+async def test_send_all_before_the_handshake_fails_at_once() -> None:
     stream, raw = await _server_pair()
+    with pytest.raises(trio.BrokenResourceError, match="not complete"):
+        await stream.send_all(b"ERROR\n\n\x00")
+    await stream.wait_send_all_might_not_block()  # does not wait for the client either
+    await raw.send(Request(host="localhost", target="/ws", subprotocols=["v12.stomp"]))
     async with trio.open_nursery() as nursery:
         nursery.start_soon(stream.receive_some)
-        nursery.start_soon(stream.send_all, b"\n")
-        await trio.testing.wait_all_tasks_blocked()
-        await raw.send(Request(host="localhost", target="/ws", subprotocols=["v12.stomp"]))
-        assert isinstance(await raw.next_event(), AcceptConnection)
         event = await raw.next_event()
-        assert isinstance(event, TextMessage)
-        assert event.data == "\n"
+        assert isinstance(event, AcceptConnection)  # nothing was written before the 101
+        await stream.send_all(b"\n")
+        assert isinstance(await raw.next_event(), TextMessage)
         await raw.send(TextMessage(data="x"))
 
 

@@ -216,7 +216,7 @@ class WebSocketStream(trio.abc.Stream):
     async def handshake(self) -> None:
         """Finish the server-side opening handshake (a no-op once done, and on the client).
 
-        ``receive_some`` and ``send_all`` call it, so calling it is optional; call it to
+        ``receive_some`` calls it, so calling it is optional; call it to
         learn :attr:`subprotocol` and :attr:`resource` early. Bound it with a cancel scope:
         it waits for the client's HTTP request. A wrong path is answered with HTTP 404,
         unknown subprotocols with 400, a malformed request with 400.
@@ -315,10 +315,13 @@ class WebSocketStream(trio.abc.Stream):
         """Send ``data`` (serialized STOMP frames) as WebSocket messages (see the module doc).
 
         Blocks until the socket accepted every byte (that is the push-back); a cancelled
-        call breaks the stream, as on any trio stream.
+        call breaks the stream, as on any trio stream. It never waits for a server-side
+        handshake: before the handshake completed (in ``receive_some`` or
+        :meth:`handshake`) it raises ``trio.BrokenResourceError``.
 
         Raises:
-          trio.BrokenResourceError: the connection is broken or closed by the other side.
+          trio.BrokenResourceError: the connection is broken or closed by the other side, or
+            the server-side handshake is not complete.
           trio.ClosedResourceError: :meth:`aclose` was called.
           trio.BusyResourceError: another task is in ``send_all``.
         """
@@ -326,7 +329,14 @@ class WebSocketStream(trio.abc.Stream):
             raise trio.BusyResourceError("another task is already sending on this stream")
         self._sending = True
         try:
-            await self.handshake()
+            if not self._handshake_done:
+                # Nothing may be sent before the client's request was answered, and STOMP
+                # servers speak only after CONNECT: this is an error path (a CONNECT timeout
+                # or a shutdown), which must not wait for a client that never asks.
+                await trio.lowlevel.checkpoint()
+                raise trio.BrokenResourceError(
+                    self._handshake_error or "the WebSocket handshake is not complete"
+                )
             if self._closed:
                 raise trio.ClosedResourceError("the WebSocket stream is closed")
             payload = bytes(data)
@@ -349,7 +359,9 @@ class WebSocketStream(trio.abc.Stream):
 
     async def wait_send_all_might_not_block(self) -> None:
         """Wait until ``send_all`` might not block (delegates to the socket)."""
-        await self.handshake()
+        if not self._handshake_done:
+            await trio.lowlevel.checkpoint()  # send_all would raise at once
+            return
         await self.transport_stream.wait_send_all_might_not_block()
 
     # ----------------------------------------------------------------- reading
@@ -552,9 +564,8 @@ async def open_websocket_stream(
 
     Raises:
       ValueError: not a ``ws``/``wss`` URL.
-      OSError: the TCP connection failed (``ConnectionRefusedError`` also when the server
-        refused the upgrade).
-      trio.BrokenResourceError: the handshake failed.
+      OSError: the TCP connection failed; ``ConnectionRefusedError`` also when the server
+        refused the upgrade, ``ConnectionError`` when the TLS or WebSocket handshake failed.
     """
     parts = urlsplit(url)
     if parts.scheme not in ("ws", "wss") or not parts.hostname:
@@ -572,9 +583,12 @@ async def open_websocket_stream(
     shown = f"[{hostname}]" if ":" in hostname else hostname
     host = shown if parts.port is None else f"{shown}:{port}"
     resource = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-    return await wrap_client_stream(
-        transport, host=host, resource=resource, subprotocols=subprotocols
-    )
+    try:
+        return await wrap_client_stream(
+            transport, host=host, resource=resource, subprotocols=subprotocols
+        )
+    except trio.BrokenResourceError as exc:
+        raise ConnectionError(f"{url}: {exc}") from exc
 
 
 # --------------------------------------------------------------------- server side
@@ -588,9 +602,10 @@ def wrap_server_stream(
 ) -> WebSocketStream:
     """Wrap an accepted connection; the opening handshake runs on first use.
 
-    The first ``receive_some``/``send_all`` (or an explicit :meth:`WebSocketStream.handshake`)
-    reads the client's HTTP request and answers it, so whoever serves the stream bounds the
-    handshake with its own timeout (the broker's CONNECT timeout). ``path`` is the only
+    The first ``receive_some`` (or an explicit :meth:`WebSocketStream.handshake`) reads the
+    client's HTTP request and answers it, so whoever serves the stream bounds the handshake
+    with its own timeout (the broker's CONNECT timeout); ``send_all`` before that raises
+    ``trio.BrokenResourceError``. ``path`` is the only
     resource accepted (``None``: any). Never blocks.
     """
     return WebSocketStream(

@@ -42,7 +42,8 @@ def _parser() -> argparse.ArgumentParser:
         "--listen",
         action="append",
         metavar="URL",
-        help=f"address to listen on, tcp://HOST:PORT (port 0 = any free port); repeatable "
+        help=f"address to listen on, tcp://HOST:PORT or ws://HOST:PORT/PATH (STOMP over "
+        f"WebSocket) (port 0 = any free port); repeatable "
         f"(default: {DEFAULT_LISTEN})",
     )
     add("--config", metavar="FILE.toml", help="read settings from a TOML file (same names)")

@@ -37,7 +37,7 @@ import trio
 from .._peer import Peer, PeerStatistics
 from .._util import unwrap_lone_exception
 from ._config import Config
-from ._listeners import listener_url, open_listeners, remote_address
+from ._listeners import Listener, listener_url, open_listeners, remote_address
 from ._router import Router
 from ._session import Session
 from ._store import MemoryStore, Recovered, Store, open_store_from_url
@@ -314,9 +314,7 @@ class Broker:
             stats.bytes_out if stats else 0,
         )
 
-    async def _serve_listener(
-        self, listener: trio.SocketListener, connections: trio.Nursery
-    ) -> None:
+    async def _serve_listener(self, listener: Listener, connections: trio.Nursery) -> None:
         # trio.serve_listeners handles EMFILE back-off and closes the listener on exit.
         await trio.serve_listeners(self._handle, [listener], handler_nursery=connections)
 
@@ -335,7 +333,7 @@ class Broker:
                     with trio.CancelScope() as self._listeners_scope:
                         if self._closing:
                             self._listeners_scope.cancel()
-                        listeners: list[trio.SocketListener] = []
+                        listeners: list[Listener] = []
                         try:
                             for url in self.config.listen:
                                 listeners.extend(await open_listeners(url))

@@ -36,7 +36,7 @@ __all__ = [
 ]
 
 DEFAULT_LISTEN: Final = "tcp://127.0.0.1:61613"
-LISTEN_SCHEMES: Final = ("tcp",)  # seam: "tls" (issue 5) and "ws" are parsed but not served yet
+LISTEN_SCHEMES: Final = ("tcp", "ws")  # seam: "tls" (issue 5), then "wss" (TLS under ws)
 
 DestinationType = Literal["topic", "queue"]
 SlowConsumerPolicy = Literal["disconnect", "drop"]
@@ -62,6 +62,8 @@ def parse_listen_url(url: str) -> tuple[str, str, int]:
             f"listen address {url!r}: scheme {scheme!r} is not supported "
             f"(supported: {', '.join(LISTEN_SCHEMES)})"
         )
+    if scheme == "ws":  # ws://HOST:PORT/PATH: the path is the listener's, not the address's
+        rest = rest.partition("/")[0]
     rest = rest.rstrip("/")
     if rest.startswith("["):
         host, bracket, port_text = rest[1:].partition("]")
@@ -190,7 +192,8 @@ class Config:
     loopback broker on port 61613.
 
     Attributes:
-      listen: addresses to listen on, ``tcp://HOST:PORT`` (port 0 = any free port). Empty:
+      listen: addresses to listen on, ``tcp://HOST:PORT`` or ``ws://HOST:PORT/PATH`` (STOMP
+        over WebSocket; needs ``trio-stomp[websocket]``) (port 0 = any free port). Empty:
         no listener at all, the broker serves only ``Broker.connect_in_memory()``.
       connect_timeout: seconds a new connection may take to send CONNECT before it is
         closed (with an ERROR frame).

@@ -4,9 +4,14 @@ This module owns binding (``tcp://HOST:PORT`` → ``trio.SocketListener`` object
 printable URL of what was actually bound (the real port when port 0 was asked for). It
 never accepts connections or speaks STOMP: the broker serves the listeners it returns.
 
-Seam: ``tls://`` (issue 5) and ``ws://`` listeners plug in here as other schemes that
-return ``trio.abc.Listener[trio.abc.Stream]`` objects; ``_config.parse_listen_url`` must
-learn the scheme at the same time.
+``ws://HOST:PORT/PATH`` listeners are TCP listeners wrapped in
+:class:`~trio_stomp._websocket.WebSocketListener` (imported only when one is asked for, so
+the broker runs without the ``websocket`` extra); each connection's WebSocket handshake runs
+in its session's task, never in the accept loop.
+
+Seam: ``tls://`` (issue 5) plugs in here as another scheme that returns
+``trio.abc.Listener[trio.abc.Stream]`` objects; ``_config.parse_listen_url`` must learn the
+scheme at the same time.
 """
 
 from __future__ import annotations
@@ -17,10 +22,18 @@ import trio
 
 from ._config import parse_listen_url
 
-__all__ = ["listener_url", "open_listeners", "remote_address"]
+__all__ = ["Listener", "listener_url", "open_listeners", "remote_address"]
+
+#: What :func:`open_listeners` returns: listeners of byte streams (TCP, WebSocket).
+Listener = trio.abc.Listener[trio.abc.Stream]
 
 
-async def open_listeners(url: str) -> list[trio.SocketListener]:
+def _websocket_path(url: str) -> str:
+    """The PATH of ``ws://HOST:PORT/PATH`` (``"/"`` when there is none)."""
+    return "/" + url.partition("://")[2].partition("/")[2]
+
+
+async def open_listeners(url: str) -> list[Listener]:
     """Bind every listener ``url`` names (a host name may resolve to several addresses).
 
     Blocks while resolving the host name and binding.
@@ -28,11 +41,20 @@ async def open_listeners(url: str) -> list[trio.SocketListener]:
     Raises:
       ValueError: the URL is malformed or its scheme is not supported.
       OSError: the address cannot be bound (in use, not local, permission).
+      ImportError: a ``ws://`` URL without the ``websocket`` extra (wsproto) installed.
     """
     scheme, host, port = parse_listen_url(url)
+    if scheme == "ws":
+        from .._websocket import WebSocketListener
+
+        path = _websocket_path(url)
+        return [
+            WebSocketListener(listener, path=path)
+            for listener in await trio.open_tcp_listeners(port, host=host)
+        ]
     if scheme != "tcp":  # pragma: no cover - parse_listen_url rejects the others today
         raise ValueError(f"unsupported listener scheme {scheme!r}")
-    return await trio.open_tcp_listeners(port, host=host)
+    return list(await trio.open_tcp_listeners(port, host=host))
 
 
 def _format(family: int, address: object, scheme: str) -> str:
@@ -43,14 +65,30 @@ def _format(family: int, address: object, scheme: str) -> str:
     return f"{scheme}://{address}"
 
 
-def listener_url(listener: trio.SocketListener, scheme: str = "tcp") -> str:
-    """The URL a listener is bound to, with the real port: ``tcp://127.0.0.1:54321``."""
+def listener_url(listener: Listener, scheme: str = "tcp") -> str:
+    """The URL a listener is bound to, with the real port: ``tcp://127.0.0.1:54321``,
+    ``ws://127.0.0.1:54322/ws``."""
+    if not isinstance(listener, trio.SocketListener):
+        from .._websocket import WebSocketListener
+
+        if not isinstance(listener, WebSocketListener):  # pragma: no cover
+            raise TypeError(f"cannot name listener {listener!r}")
+        inner = listener.transport_listener
+        assert isinstance(inner, trio.SocketListener)
+        return listener_url(inner, "ws") + listener.path
     sock = listener.socket
     return _format(sock.family, sock.getsockname(), scheme)
 
 
 def remote_address(stream: trio.abc.Stream) -> str:
-    """A printable address of the other end of ``stream`` (``"memory"`` if it has none)."""
+    """A printable address of the other end of ``stream`` (``"memory"`` if it has none).
+
+    Looks through wrappers that name their ``transport_stream`` (TLS, WebSocket)."""
+    while not isinstance(stream, trio.SocketStream):
+        inner = getattr(stream, "transport_stream", None)
+        if not isinstance(inner, trio.abc.Stream):
+            break
+        stream = inner
     if isinstance(stream, trio.SocketStream):
         try:
             address = stream.socket.getpeername()

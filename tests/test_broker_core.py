@@ -11,7 +11,7 @@ import pathlib
 
 import pytest
 
-from trio_stomp import Frame, FrameParser, RemoteProtocolError
+from trio_stomp import Frame, FrameParser, RemoteProtocolError, serialize
 from trio_stomp.broker._destinations import Connection, Subscription
 from trio_stomp.broker._router import Router
 
@@ -580,3 +580,31 @@ def test_header_that_an_old_version_cannot_carry_is_left_out_for_it_only() -> No
     (new_msg,) = new_sink.take()
     assert "note" not in old_msg.headers and old_msg.headers["keep"] == "yes"
     assert new_msg.headers["note"] == "two\nlines"
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        [("content-type", "text/plain"), ("x", "y")],
+        [],
+        [("colon", "a:b")],
+        [("back", "a\\b")],
+        [("nl", "a\nb")],
+        [("cr", "a\rb")],
+        [("na:me", "v")],
+        [("unicode", "h\u00e9llo \u2603")],
+    ],
+)
+@pytest.mark.parametrize("body", [b"", b"x", b"\0bin\0"])
+def test_message_wire_matches_the_codec_for_every_version(
+    headers: list[tuple[str, str]], body: bytes
+) -> None:
+    from trio_stomp.broker._destinations import Message, _encodable
+
+    for version in ("1.0", "1.1", "1.2"):
+        message = Message("m-1", "/queue/w", headers, body)
+        expected_headers = _encodable(message.headers, version)
+        expected = serialize(Frame("MESSAGE", expected_headers, body), version)
+        assert b"MESSAGE\n" + message.wire(version) == expected
+        # cached: the same object every time
+        assert message.wire(version) is message.wire(version)

@@ -707,7 +707,9 @@ class Router:
 
     def _durable_queue(self, connection: Connection, topic: str, name: str) -> Queue:
         """The queue behind durable subscription ``name`` of the connection's client-id
-        on ``topic``, made if new (re-made if it was on another topic)."""
+        on ``topic``, made if new (re-made if it was on another topic). If it is active
+        on another connection, that connection is closed (with an ERROR) and this one
+        takes over; what the old one had not acknowledged is redelivered."""
         client_id = connection.client_id
         if not client_id:
             raise RemoteProtocolError("a durable subscription needs a client-id header on CONNECT")
@@ -717,9 +719,16 @@ class Router:
             )
         durable = self.durables.get((client_id, name))
         if durable is not None and durable.queue.subscriptions:
-            raise RemoteProtocolError(
-                f"durable subscription {name!r} of client-id {client_id!r} is already active"
-            )
+            # The newest connection of a client-id wins: a client resuming after a link
+            # loss must not wait for the broker to notice that its old connection died.
+            for old in list(durable.queue.subscriptions):
+                self._remove_subscription(old)
+                if old.connection is not connection and old.connection.alive:
+                    old.connection.alive = False
+                    old.connection.sink.close(
+                        f"durable subscription {name!r} of client-id {client_id!r} was "
+                        "taken over by a newer connection"
+                    )
         if durable is not None and durable.topic != topic:
             self._drop_durable(durable)
             durable = None

@@ -914,3 +914,30 @@ async def test_send_frame_is_an_escape_hatch() -> None:
         await client.send_frame(Frame("SEND", {"destination": "/queue/raw"}, b"r"), receipt=True)
         [sent] = broker.frames("SEND")
         assert sent.headers["destination"] == "/queue/raw"
+
+
+@pytest.mark.parametrize("version", ["1.0", "1.1", "1.2"])
+@pytest.mark.parametrize(
+    ("command", "pairs", "body"),
+    [
+        ("SEND", [("destination", "/queue/a")], b""),
+        ("SEND", [("destination", "/queue/a"), ("x", "é ü")], b"\x00body\x00"),
+        ("ACK", [("id", "a:1")], b""),  # needs escaping (or cannot be sent in 1.0)
+        ("SEND", [("destination", "/q"), ("content-length", "3")], b"abc"),
+        ("SEND", [("destination", "/q"), ("multi", "line\nvalue")], b""),
+        ("SUBSCRIBE", [("destination", "/q"), ("id", "1"), ("ack", "auto")], b""),
+    ],
+)
+def test_fast_encoding_matches_serialize(
+    version: str, command: str, pairs: list[tuple[str, str]], body: bytes
+) -> None:
+    from trio_stomp._client import _encode
+    from trio_stomp._codec import serialize
+
+    try:
+        expected = serialize(Frame(command, pairs, body), version)
+    except LocalProtocolError:
+        with pytest.raises(LocalProtocolError):
+            _encode(command, pairs, body, version)
+        return
+    assert _encode(command, pairs, body, version) == expected

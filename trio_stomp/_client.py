@@ -66,8 +66,10 @@ from __future__ import annotations
 import copy
 import math
 import random
+import re
 import ssl
 import uuid
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, Final, Literal, NoReturn, Union
@@ -76,6 +78,7 @@ from urllib.parse import SplitResult, unquote, urlsplit
 import attrs
 import trio
 
+from ._codec import serialize
 from ._errors import (
     BrokerError,
     ConnectionLost,
@@ -396,51 +399,95 @@ class Subscription:
     ack_mode: AckMode
     headers: Headers
     _client: Client
-    _send: trio.MemorySendChannel[Message]
-    _recv: trio.MemoryReceiveChannel[Message]
+    _max_buffer: int
+    # Messages not yet received. Bounded: the dispatcher appends only below _max_buffer.
+    _buffer: deque[Message] = attrs.Factory(deque)
+    _readable: trio.Event = attrs.Factory(trio.Event)
+    _room: trio.Event | None = None  # set by receivers when the dispatcher waits for room
+    _closed: bool = False
     _generation: int = -1
     _seq: int = 0
     _settled_upto: int = 0
 
-    def _frame(self) -> Frame:
+    def _pairs(self) -> list[tuple[str, str]]:
         pairs = [("destination", self.destination), ("id", self.id), ("ack", self.ack_mode)]
         pairs.extend(self.headers.raw)
-        return Frame("SUBSCRIBE", pairs)
+        return pairs
 
     def _deliver(self, frame: Frame, generation: int) -> Message:
         self._seq += 1
         return Message(frame, self, generation, self._seq)
 
+    def _put_nowait(self, message: Message) -> bool:
+        """Buffer ``message``; False when the buffer is full. Messages for a closed
+        subscription are dropped (True: nothing to wait for)."""
+        if self._closed:
+            return True
+        if len(self._buffer) >= self._max_buffer:
+            return False
+        self._buffer.append(message)
+        self._readable.set()
+        return True
+
+    async def _wait_for_room(self) -> None:
+        # Hysteresis: wake the dispatcher when the buffer is half empty, not at every
+        # receive, so that it hands over messages in runs instead of one by one.
+        while not self._closed and len(self._buffer) >= self._max_buffer:
+            self._room = trio.Event()
+            await self._room.wait()
+
+    def _close(self) -> None:
+        self._closed = True
+        self._readable.set()
+        if self._room is not None:
+            self._room.set()
+
     def _purge(self) -> None:
         # Drop messages that arrived on a lost connection (client modes: redelivered).
-        while True:
-            try:
-                self._recv.receive_nowait()
-            except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
-                return
+        self._buffer.clear()
+        if self._room is not None:
+            self._room.set()
+
+    def _pop(self) -> Message:
+        message = self._buffer.popleft()
+        room = self._room
+        if room is not None and len(self._buffer) <= self._max_buffer // 2:
+            self._room = None
+            room.set()
+        return message
+
+    def _raise_ended(self) -> NoReturn:
+        error = self._client._error
+        _reraise(error if error is not None else ConnectionLost("the subscription has ended"))
 
     async def receive(self) -> Message:
         """Return the next message. Blocks until one arrives; cancellation-atomic.
+
+        Messages buffered before the client failed are still delivered, then the error.
 
         Raises:
           ConnectionLost: the client failed, or was closed, or the subscription has ended.
           BrokerError: the broker sent an ERROR frame (the client failed).
         """
-        try:
-            return await self._recv.receive()
-        except (trio.EndOfChannel, trio.ClosedResourceError):
-            pass
-        error = self._client._error
-        _reraise(error if error is not None else ConnectionLost("the subscription has ended"))
+        await trio.lowlevel.checkpoint_if_cancelled()
+        if self._buffer:
+            message = self._pop()
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            return message
+        while not self._buffer:
+            if self._closed:
+                self._raise_ended()
+            self._readable = trio.Event()
+            await self._readable.wait()
+        return self._pop()
 
     def receive_nowait(self) -> Message:
         """Return a buffered message, or raise ``trio.WouldBlock`` when there is none."""
-        try:
-            return self._recv.receive_nowait()
-        except (trio.EndOfChannel, trio.ClosedResourceError):
-            pass
-        error = self._client._error
-        _reraise(error if error is not None else ConnectionLost("the subscription has ended"))
+        if self._buffer:
+            return self._pop()
+        if self._closed:
+            self._raise_ended()
+        raise trio.WouldBlock
 
     def __aiter__(self) -> Subscription:
         return self
@@ -451,7 +498,7 @@ class Subscription:
     @property
     def buffered(self) -> int:
         """Messages waiting in this subscription's buffer."""
-        return self._recv.statistics().current_buffer_used
+        return len(self._buffer)
 
 
 @attrs.define(eq=False)
@@ -626,7 +673,9 @@ class Client:
 
     async def _send_frame(
         self,
-        frame: Frame,
+        command: str,
+        pairs: list[tuple[str, str]],
+        body: bytes = b"",
         *,
         receipt: bool = False,
         generation: int | None = None,
@@ -649,10 +698,12 @@ class Client:
             waiter = None
             if receipt:
                 rid = self._new_id("receipt")
+                data = _encode(command, [*pairs, ("receipt", rid)], body, peer.version)
                 waiter = self._receipts[rid] = _Waiter()
-                frame = frame.replace(headers=[*frame.headers.raw, ("receipt", rid)])
+            else:
+                data = _encode(command, pairs, body, peer.version)
             try:
-                await peer.send(frame)
+                await peer.send_bytes(data)
             except ConnectionLost:
                 if rid is not None:
                     del self._receipts[rid]
@@ -709,20 +760,22 @@ class Client:
         if transaction is not None:
             pairs.append(("transaction", transaction.id))
             await self._send_frame(
-                Frame("SEND", pairs, data),
+                "SEND",
+                pairs,
+                data,
                 receipt=receipt,
                 generation=transaction._generation,
                 what="the transaction",
             )
         else:
-            await self._send_frame(Frame("SEND", pairs, data), receipt=receipt)
+            await self._send_frame("SEND", pairs, data, receipt=receipt)
 
     async def send_frame(self, frame: Frame, *, receipt: bool = False) -> None:
         """Send any frame as it is (an escape hatch for broker-specific frames).
 
         Blocks and raises like :meth:`send`.
         """
-        await self._send_frame(frame, receipt=receipt)
+        await self._send_frame(frame.command, list(frame.headers.raw), frame.body, receipt=receipt)
 
     # ------------------------------------------------------------- subscriptions
 
@@ -759,14 +812,15 @@ class Client:
         sid = id if id is not None else self._new_id("sub")
         if sid in self._subscriptions:
             raise ValueError(f"subscription id {sid!r} is already in use")
-        send, recv = trio.open_memory_channel[Message](max_buffer)
-        sub = Subscription(sid, destination, ack, Headers(_pairs(headers)), self, send, recv)
+        sub = Subscription(sid, destination, ack, Headers(_pairs(headers)), self, max_buffer)
         _, generation = await self._wait_connected()
         self._subscriptions[sid] = sub
         sub._generation = generation
         try:
             try:
-                await self._send_frame(sub._frame(), receipt=receipt, generation=generation)
+                await self._send_frame(
+                    "SUBSCRIBE", sub._pairs(), receipt=receipt, generation=generation
+                )
             except ConnectionLost:
                 # Registered: the next connection re-subscribes it, if there is one.
                 if receipt or not self._may_wait() or self._error is not None:
@@ -774,8 +828,7 @@ class Client:
             yield sub
         finally:
             self._subscriptions.pop(sid, None)
-            send.close()
-            recv.close()
+            sub._close()
             await self._unsubscribe(sub)
 
     async def _unsubscribe(self, sub: Subscription) -> None:
@@ -835,7 +888,8 @@ class Client:
                 _mark_settled(message)
 
         await self._send_frame(
-            Frame(command, pairs),
+            command,
+            pairs,
             receipt=receipt,
             generation=generation,
             what="the message",
@@ -863,7 +917,7 @@ class Client:
         _, generation = await self._wait_connected()
         tx = Transaction(self._new_id("tx"), self, generation)
         await self._send_frame(
-            Frame("BEGIN", {"transaction": tx.id}), generation=generation, what="BEGIN"
+            "BEGIN", [("transaction", tx.id)], generation=generation, what="BEGIN"
         )
         try:
             yield tx
@@ -876,7 +930,8 @@ class Client:
                     pass  # the connection is gone: the broker aborts open transactions
             raise
         await self._send_frame(
-            Frame("COMMIT", {"transaction": tx.id}),
+            "COMMIT",
+            [("transaction", tx.id)],
             receipt=True,
             generation=generation,
             what="the transaction",
@@ -917,7 +972,8 @@ class Client:
             if self._options.subscribe_temp_queue and self._reply_subscribed != generation:
                 self._reply_subscribed = generation
                 await self._send_frame(
-                    Frame("SUBSCRIBE", {"destination": REPLY_TO, "id": REPLY_TO}),
+                    "SUBSCRIBE",
+                    [("destination", REPLY_TO), ("id", REPLY_TO)],
                     generation=generation,
                     what="the request",
                 )
@@ -928,7 +984,7 @@ class Client:
             waiter = self._requests[correlation_id] = _Waiter()
             try:
                 await self._send_frame(
-                    Frame("SEND", pairs, data), generation=generation, what="the request"
+                    "SEND", pairs, data, generation=generation, what="the request"
                 )
                 reply = await waiter.wait()
             finally:
@@ -1051,7 +1107,7 @@ class Client:
                 if sub.ack_mode != "auto":
                     sub._purge()
                 sub._generation = generation
-                await peer.send(sub._frame())
+                await peer.send(Frame("SUBSCRIBE", sub._pairs()))
             self._peer = peer
             self._connections += 1
             self._notify()
@@ -1119,17 +1175,10 @@ class Client:
                         continue
                     self._messages_received += 1
                     message = sub._deliver(frame, generation)
-                    try:
-                        sub._send.send_nowait(message)
-                    except trio.WouldBlock:
+                    while not sub._put_nowait(message):
                         # The application is behind: wait for it (back-pressure, see the
                         # module docstring on why the watchdog does not fire meanwhile).
-                        try:
-                            await sub._send.send(message)
-                        except (trio.BrokenResourceError, trio.ClosedResourceError):
-                            self._messages_unroutable += 1
-                    except (trio.BrokenResourceError, trio.ClosedResourceError):
-                        self._messages_unroutable += 1
+                        await sub._wait_for_room()
                 elif command == "RECEIPT":
                     waiter = receipts.pop(frame.headers.get("receipt-id") or "", None)
                     if waiter is not None:
@@ -1162,7 +1211,7 @@ class Client:
             self._error = error
         self._lost(error)
         for sub in self._subscriptions.values():
-            sub._send.close()
+            sub._close()
 
     async def _disconnect(self) -> None:
         """DISCONNECT with a receipt, waiting for it at most ``disconnect_timeout``."""
@@ -1210,6 +1259,31 @@ def _broker_error(frame: Frame) -> BrokerError:
     if detail:
         error.args = (f"{message}: {detail[:500]}" if message else detail[:500],)
     return error
+
+
+_PLAIN_HEADER_RE: Final = re.compile(r"[\\:\r\n]")
+
+
+def _encode(command: str, pairs: list[tuple[str, str]], body: bytes, version: str) -> bytes:
+    """Encode a frame the client builds (always a valid command).
+
+    The fast path covers the common case (no header needs escaping, no ``content-length``
+    given): it writes what :func:`serialize` would, without building a :class:`Frame`. Anything
+    else goes through :func:`serialize`, which owns the escaping rules and their errors.
+    """
+    lines = [command]
+    plain = _PLAIN_HEADER_RE.search
+    for name, value in pairs:
+        if plain(name) or plain(value) or name == "content-length":
+            return serialize(Frame(command, pairs, body), version)
+        lines.append(f"{name}:{value}")
+    if body:
+        lines.append(f"content-length:{len(body)}")
+    lines.append("\n")
+    try:
+        return b"".join(("\n".join(lines).encode("utf-8"), body, b"\0"))
+    except UnicodeEncodeError:
+        return serialize(Frame(command, pairs, body), version)
 
 
 def _pairs(headers: HeadersArg) -> list[tuple[str, str]]:

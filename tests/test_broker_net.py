@@ -6,6 +6,7 @@ reading only fills a buffer when there is a kernel socket buffer behind it.
 
 from __future__ import annotations
 
+import socket
 from collections.abc import AsyncIterator
 
 import pytest
@@ -227,3 +228,41 @@ async def test_many_frames_in_one_chunk_are_routed_in_order(tcp_broker: Broker) 
         await producer.expect("RECEIPT")
         bodies = [(await consumer.expect("MESSAGE")).body for _ in range(2000)]
     assert bodies == [b"%d" % i for i in range(2000)]
+
+
+async def test_a_client_that_never_reads_its_receipts_is_pushed_back() -> None:
+    async with open_broker(listen=["tcp://127.0.0.1:0"], max_send_buffer=16 * 1024) as broker:
+        greedy = await tcp_client(broker)
+        assert isinstance(greedy.stream, trio.SocketStream)
+        for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+            greedy.stream.setsockopt(socket.SOL_SOCKET, option, 32 * 1024)
+        receipt_id = "r" * 4000
+        frame = serialize(Frame("SEND", {"destination": "/topic/void", "receipt": receipt_id}))
+        count = 5_000  # ~20 MB each way: more than every socket buffer on the path
+        sent = 0
+
+        async def flood() -> None:
+            nonlocal sent
+            for _ in range(count // 100):
+                await greedy.send_raw(frame * 100)
+                sent += 100
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(flood)
+            # Wait until the flood stalls: the broker stopped reading this client.
+            previous = -1
+            with trio.fail_after(20):
+                while sent != previous:
+                    previous = sent
+                    await trio.sleep(0.3)
+            assert sent < count
+            session = next(iter(broker._sessions))
+            assert session.peer is not None
+            used = session.peer.statistics().send_buffer_used
+            assert used <= 16 * 1024 + len(frame) + 100, used
+            # Once the client reads, everything flows again, in order.
+            with trio.fail_after(30):
+                for _ in range(count):
+                    receipt = await greedy.expect("RECEIPT")
+                    assert receipt.headers["receipt-id"] == receipt_id
+        assert sent == count

@@ -655,3 +655,19 @@ async def test_statistics_count_connections_destinations_bytes(broker: Broker) -
     assert stats.bytes_in > 0 and stats.bytes_out > 0
     with pytest.raises(AttributeError):
         stats.connections = 5  # type: ignore[misc]
+
+
+async def test_broker_names_are_reachable_from_trio_stomp_lazily() -> None:
+    import sys
+
+    import trio_stomp
+    import trio_stomp.broker
+
+    assert trio_stomp.open_broker is trio_stomp.broker.open_broker
+    assert trio_stomp.serve_broker is trio_stomp.broker.serve_broker
+    assert trio_stomp.BrokerConfig is trio_stomp.broker.Config
+    with pytest.raises(AttributeError):
+        trio_stomp.no_such_name  # noqa: B018
+    code = "import sys, trio_stomp; assert 'trio_stomp.broker' not in sys.modules"
+    result = await trio.run_process([sys.executable, "-c", code], check=False)
+    assert result.returncode == 0

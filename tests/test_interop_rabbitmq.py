@@ -16,6 +16,10 @@ here, and that our client copes with:
 
 from __future__ import annotations
 
+import pathlib
+import re
+import subprocess
+import sys
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -305,3 +309,26 @@ async def test_request_reply_with_temp_queue(rabbitmq: RabbitMQ) -> None:
         assert (first.text, second.text) == ("echo:a", "echo:b")
         assert first.headers["subscription"] == "/temp-queue/trio-stomp-replies"
         assert all(r.startswith("/reply-queue/") for r in seen_reply_to)
+
+
+# --------------------------------------------------------------------------- the docs
+
+
+DOCS = pathlib.Path(__file__).resolve().parent.parent / "docs" / "client.md"
+
+
+def test_docs_example_runs_as_written(rabbitmq: RabbitMQ) -> None:
+    """The first example of docs/client.md (the README's client section) runs unchanged,
+    except for the port of our private RabbitMQ node."""
+    example = re.search(r"```python\n(.*?)```", DOCS.read_text(), re.S)
+    assert example is not None
+    code = example.group(1)
+    assert "stomp://127.0.0.1:61613" in code
+    code = code.replace("127.0.0.1:61613", f"127.0.0.1:{rabbitmq.stomp_port}")
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, timeout=60, check=True
+    )
+    lines = result.stdout.decode().splitlines()
+    assert lines[0].startswith("connected to RabbitMQ/")
+    assert lines[0].endswith("with STOMP 1.2")
+    assert lines[1] == "/queue/greetings: hello, world"

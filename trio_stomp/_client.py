@@ -835,7 +835,8 @@ class Client:
         peer = self._peer
         if peer is None or self._closing or sub._generation != self._generation:
             return
-        with trio.move_on_after(self._options.disconnect_timeout, shield=True):
+        with trio.move_on_after(self._options.disconnect_timeout) as scope:
+            scope.shield = True  # move_on_after(shield=) needs trio >= 0.26
             try:
                 await peer.send(Frame("UNSUBSCRIBE", {"id": sub.id}))
             except ConnectionLost:
@@ -922,7 +923,8 @@ class Client:
         try:
             yield tx
         except BaseException:
-            with trio.move_on_after(self._options.disconnect_timeout, shield=True):
+            with trio.move_on_after(self._options.disconnect_timeout) as scope:
+                scope.shield = True  # move_on_after(shield=) needs trio >= 0.26
                 try:
                     peer = self._peer_of(generation, "the transaction")
                     await peer.send(Frame("ABORT", {"transaction": tx.id}))

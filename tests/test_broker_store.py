@@ -70,7 +70,7 @@ async def test_sqlite_headers_and_fields_round_trip(tmp_path: Path) -> None:
     path = tmp_path / "store.db"
     store = SqliteStore(str(path))
     await store.open()
-    headers = [("a", "1"), ("a", "2"), ("weird:", "line\nbreak")]
+    headers = [("a", "1"), ("a", "2"), ("weird:", "line\nbreak"), ("b\\s", "c\r:\\n"), ("", "")]
     store.put("/queue/q", "/topic/t", "id-1", headers, b"\x00\xffbin", 1234, 2)
     await store.close()
     again = SqliteStore(str(path))

@@ -16,8 +16,10 @@ read while it does not read ours.
 
 With a persistent store, a RECEIPT is only sent once everything the store had journaled
 when the receipted frame was applied is committed (a persistent SEND is on disk before its
-RECEIPT); such receipts are deferred to the end of the batch like the ones above, and
-while the store has too much uncommitted data the session stops reading.
+RECEIPT). Such receipts wait, in order, in a bounded queue that one receipt task of the
+session sends as commits complete, so the session keeps reading and routing while the
+disk works (many batches share one commit). While the store holds too much uncommitted
+data, or too many receipts wait, the session stops reading.
 
 It must never raise out of :meth:`Session.run` (one bad connection never takes the broker
 down: unexpected errors are logged and close only this connection), never outlive the
@@ -28,6 +30,7 @@ routing core.
 from __future__ import annotations
 
 import logging
+from collections import deque
 from collections.abc import Callable
 from typing import Final
 
@@ -56,6 +59,8 @@ logger: Final = logging.getLogger("trio_stomp.broker")
 #: Commands that may carry a body (STOMP 1.2 "Frames and headers").
 _BODY_COMMANDS: Final = frozenset({"SEND"})
 _LOST: Final = "connection lost"
+#: RECEIPTs that may wait for the store per connection before it stops reading frames.
+_MAX_STORE_RECEIPTS: Final = 10_000
 
 
 @attrs.define(eq=False)
@@ -85,7 +90,12 @@ class Session:
     _nursery: trio.Nursery | None = None
     _draining: bool = False
     _deferred: list[Frame] = attrs.Factory(list)
-    _barrier: int = 0  # store position the deferred receipts wait for (0: none)
+    # (store position, RECEIPT) waiting for the store's commit, in order; sent by
+    # _send_receipts. Bounded: the session stops reading at _MAX_STORE_RECEIPTS.
+    _store_receipts: deque[tuple[int, Frame]] = attrs.Factory(deque)
+    _store_receipts_wake: trio.Event = attrs.Factory(trio.Event)
+    _store_receipts_idle: trio.Event = attrs.Factory(trio.Event)
+    _store_receipts_task: bool = False
 
     # -- control from outside (broker, routing core) -----------------------------------
 
@@ -298,13 +308,14 @@ class Session:
                     if self._stop_reason is not None:
                         break
                 if deferred:
-                    if self._barrier:
-                        await self._wait_store()
                     while deferred:
                         await peer.send(deferred[0])
                         del deferred[0]
-                if self.store is not None and self.store.backlogged:
-                    await self.store.wait_committed(self.store.barrier())
+                store = self.store
+                if store is not None and (
+                    store.backlogged or len(self._store_receipts) > _MAX_STORE_RECEIPTS
+                ):
+                    await store.wait_committed(store.barrier())
                 if self._stop_reason is not None:
                     break
         if self._stop_reason == _LOST:
@@ -327,9 +338,12 @@ class Session:
         store = self.store
         if store is not None:
             position = store.barrier()
-            if not store.is_committed(position):
-                self._barrier = position
-                self._deferred.append(frame)
+            if self._store_receipts or not store.is_committed(position):
+                self._store_receipts.append((position, frame))
+                if not self._store_receipts_task and self._nursery is not None:
+                    self._store_receipts_task = True
+                    self._nursery.start_soon(self._send_receipts, peer, store)
+                self._store_receipts_wake.set()
                 return
         if not self._deferred:
             try:
@@ -339,20 +353,38 @@ class Session:
                 pass
         self._deferred.append(frame)
 
-    async def _wait_store(self) -> None:
-        """Wait until the store committed what the deferred receipts promise.
+    async def _send_receipts(self, peer: Peer, store: Store) -> None:
+        """The receipt task: send each waiting RECEIPT, in order, once the store has
+        committed its position. Ends with the session (its nursery is cancelled).
 
         Raises:
-          RuntimeError: the store failed (the connection closes without those receipts).
+          RuntimeError: the store failed (the session closes; those receipts are never
+            sent).
         """
-        assert self.store is not None
-        await self.store.wait_committed(self._barrier)
-        self._barrier = 0
+        pending = self._store_receipts
+        while True:
+            if not pending:
+                self._store_receipts_idle.set()
+                self._store_receipts_wake = trio.Event()
+                await self._store_receipts_wake.wait()
+                continue
+            await store.wait_committed(pending[-1][0])
+            while pending and store.is_committed(pending[0][0]):
+                try:
+                    await peer.send(pending.popleft()[1])
+                except ConnectionLost:
+                    pending.clear()
+                    self._store_receipts_idle.set()
+                    return
 
     async def _disconnect(self, peer: Peer, frame: Frame) -> None:
-        if self.store is not None:
-            self._barrier = self.store.barrier()
-            await self._wait_store()
+        store = self.store
+        if store is not None:
+            # Everything applied so far is committed, and its receipts are out, first.
+            await store.wait_committed(store.barrier())
+            while self._store_receipts:
+                self._store_receipts_idle = trio.Event()
+                await self._store_receipts_idle.wait()
         for pending in self._deferred:
             await peer.send(pending)
         self._deferred.clear()

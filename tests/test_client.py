@@ -67,6 +67,7 @@ class MiniBroker:
     refuse: int = 0  # refuse that many connection attempts (OSError)
     connect_error: str | None = None  # answer CONNECT with this ERROR
     answer_receipts: bool = True
+    server: str = "mini/1"
     silent: bool = False  # after CONNECTED: read everything, answer nothing, beat nothing
     received: list[tuple[int, Frame]] = attrs.Factory(list)
     attempts: list[float] = attrs.Factory(list)
@@ -129,7 +130,7 @@ class MiniBroker:
                     "CONNECTED",
                     {
                         "version": version,
-                        "server": "mini/1",
+                        "server": self.server,
                         "session": f"s{conn.number}",
                         "heart-beat": f"{self.heart_beat[0]},{self.heart_beat[1]}",
                     },
@@ -778,8 +779,8 @@ async def test_without_a_policy_a_lost_connection_fails_the_client() -> None:
             await client.send("/queue/a", b"x")
 
 
-async def test_error_frame_fails_the_client_even_with_a_policy() -> None:
-    async with connected(reconnect=ReconnectPolicy()) as (broker, client):
+async def test_error_frame_fails_the_client_without_a_policy() -> None:
+    async with connected() as (broker, client):
         async with client.subscribe("/queue/a") as sub:
             await broker.conns[0].peer.send(
                 Frame("ERROR", {"message": "not_found"}, b"NOT_FOUND - no queue")
@@ -790,6 +791,53 @@ async def test_error_frame_fails_the_client_even_with_a_policy() -> None:
         with pytest.raises(BrokerError):
             await client.send("/queue/a", b"x")
         assert client.statistics().connections == 1
+
+
+async def test_error_frame_after_connected_is_retried_with_a_policy(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    policy = ReconnectPolicy(initial_delay=1, jitter=0)
+    async with (
+        connected(reconnect=policy) as (broker, client),
+        client.subscribe("/queue/a") as sub,
+    ):
+        await broker.conns[0].peer.send(Frame("ERROR", {"message": "shutting down"}))
+        await trio.sleep(5)
+        assert client.statistics().connections == 2
+        await client.send("/queue/a", b"after", receipt=True)
+        assert (await sub.receive()).body == b"after"
+
+
+async def test_an_error_every_time_ends_at_max_attempts(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    policy = ReconnectPolicy(initial_delay=1, jitter=0, max_attempts=3)
+    async with connected(reconnect=policy) as (broker, client):
+        async with client.subscribe("/queue/a") as sub:
+
+            async def refuse_every_subscribe() -> None:
+                while True:
+                    await trio.sleep(0.001)
+                    for conn in broker.conns:
+                        if broker.frames("SUBSCRIBE", conn=conn.number):
+                            await conn.peer.send(Frame("ERROR", {"message": "forbidden"}))
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(refuse_every_subscribe)
+                with pytest.raises(ConnectionLost, match=r"gave up .* 3 attempts.*forbidden"):
+                    await sub.receive()
+                nursery.cancel_scope.cancel()
+        # Back-off grew across the ERROR-closed connections: 1 s, then 2 s.
+        assert client.statistics().connections == 3
+
+
+def test_broker_error_text_is_not_repeated() -> None:
+    from trio_stomp._client import _broker_error
+
+    same = _broker_error(Frame("ERROR", {"message": "bye"}, b"bye"))
+    assert str(same) == "bye"
+    more = _broker_error(Frame("ERROR", {"message": "bye"}, b"details"))
+    assert str(more) == "bye: details"
 
 
 # --------------------------------------------------------------------------- request / reply
@@ -824,12 +872,25 @@ async def test_request_times_out(autojump_clock: trio.testing.MockClock) -> None
         assert client.statistics().pending_requests == 0
 
 
-async def test_request_can_subscribe_the_temp_queue() -> None:
-    async with connected(subscribe_temp_queue=True) as (broker, client):
-        with trio.move_on_after(0.01):
-            await client.request("/queue/nobody", b"?")
-        [subscribe] = broker.frames("SUBSCRIBE")
-        assert subscribe.headers["destination"] == "/temp-queue/trio-stomp-replies"
+@pytest.mark.parametrize(
+    ("server", "option", "subscribes"),
+    [
+        ("mini/1", None, True),
+        ("RabbitMQ/3.10.8", None, False),
+        ("RabbitMQ/3.10.8", True, True),
+        ("mini/1", False, False),
+    ],
+)
+async def test_request_subscribes_the_temp_queue_unless_rabbitmq(
+    server: str, option: bool | None, subscribes: bool
+) -> None:
+    async with connected(subscribe_temp_queue=option, broker_server=server) as (broker, client):
+        for _ in range(2):  # once per connection at most
+            with trio.move_on_after(0.01):
+                await client.request("/queue/nobody", b"?")
+        await client.send("/queue/sync", b"", receipt=True)
+        subscribed = [f.headers["destination"] for f in broker.frames("SUBSCRIBE")]
+        assert subscribed == (["/temp-queue/trio-stomp-replies"] if subscribes else [])
 
 
 async def test_reply_needs_reply_to() -> None:

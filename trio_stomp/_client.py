@@ -50,8 +50,11 @@ timeout) the supervisor tries the endpoints in turn, waiting
 ``n`` (0, 1, 2, ... since the last working connection), gives up after ``max_attempts``
 consecutive failures, re-sends CONNECT and re-subscribes every live subscription (with the same
 ids). Buffered messages of ``client``/``client-individual`` subscriptions that arrived on the
-lost connection are dropped: the broker redelivers them. An ERROR frame or a protocol error is
-never retried: it fails the client. Without a policy, a lost connection fails the client.
+lost connection are dropped: the broker redelivers them. An ERROR frame after CONNECTED (a
+broker shutting down says so with one) is retried too, but counts as a failed attempt (no reset
+of the back-off), so an ERROR our own frames provoke ends at ``max_attempts``; an ERROR answering
+CONNECT (bad credentials) and protocol errors are never retried. Without a policy, a lost
+connection or an ERROR fails the client.
 
 What happens to calls while the link is down: ``send``, ``subscribe``, ``request`` and
 ``transaction`` wait for the next connection (bounded by the caller's cancel scope), or raise
@@ -958,8 +961,9 @@ class Client:
         ``correlation-id``; the replier answers to the ``reply-to`` it received (see
         :meth:`reply`) and copies the ``correlation-id``. Works with brokers that create and
         subscribe the temp queue themselves (RabbitMQ: the reply's ``subscription`` is the
-        ``/temp-queue/...`` name); pass ``subscribe_temp_queue=True`` to the client for
-        brokers that need an explicit SUBSCRIBE.
+        ``/temp-queue/...`` name) and with brokers that need an explicit SUBSCRIBE to the
+        temp queue (ours, ActiveMQ): by default the client sends one before the first request
+        on a connection unless the broker is RabbitMQ (``subscribe_temp_queue`` overrides).
 
         Blocks until the reply arrives, or ``timeout`` seconds (``trio.TooSlowError``).
 
@@ -971,7 +975,10 @@ class Client:
         deadline = math.inf if timeout is None else trio.current_time() + timeout
         with trio.fail_at(deadline):
             _, generation = await self._wait_connected()
-            if self._options.subscribe_temp_queue and self._reply_subscribed != generation:
+            subscribe = self._options.subscribe_temp_queue
+            if subscribe is None:  # auto: RabbitMQ subscribes (and forbids SUBSCRIBE)
+                subscribe = not (self.server or "").startswith("RabbitMQ/")
+            if subscribe and self._reply_subscribed != generation:
                 self._reply_subscribed = generation
                 await self._send_frame(
                     "SUBSCRIBE",
@@ -1044,12 +1051,17 @@ class Client:
             connected = False
             try:
                 await self._run_connection(endpoint, on_connected)
-            except (BrokerError, ProtocolError) as exc:
-                self._fail(exc)
-                if not started:
-                    raise
-                return
-            except ConnectionLost as exc:
+            except (BrokerError, ProtocolError, ConnectionLost) as exc:
+                # An ERROR after CONNECTED (e.g. "shutting down") is retried like a lost
+                # connection when there is a policy, but counts as a failed attempt, so that
+                # an ERROR our own frames provoke backs off and ends at max_attempts. An ERROR
+                # answering CONNECT (bad credentials) and protocol errors are final.
+                retried_error = isinstance(exc, BrokerError) and connected and policy is not None
+                if not isinstance(exc, ConnectionLost) and not retried_error:
+                    self._fail(exc)
+                    if not started:
+                        raise
+                    return
                 self._lost(exc)
                 if self._closing:
                     return
@@ -1060,7 +1072,7 @@ class Client:
                     if not started:
                         raise
                     return
-                if connected:
+                if connected and not retried_error:
                     attempt = 0
                     continue
                 attempt += 1
@@ -1258,7 +1270,7 @@ def _broker_error(frame: Frame) -> BrokerError:
     message = frame.headers.get("message") or ""
     error = BrokerError(message, frame)
     detail = frame.body.decode("utf-8", "replace").strip()
-    if detail:
+    if detail and detail != message:
         error.args = (f"{message}: {detail[:500]}" if message else detail[:500],)
     return error
 
@@ -1331,7 +1343,7 @@ class _Options:
     disconnect_timeout: float
     heart_beat_tolerance: float
     max_send_buffer: int
-    subscribe_temp_queue: bool
+    subscribe_temp_queue: bool | None
     parser_limits: Mapping[str, Any]
 
 
@@ -1351,7 +1363,7 @@ async def _run_client(
     heart_beat_tolerance: float,
     max_send_buffer: int,
     reconnect: ReconnectPolicy | None,
-    subscribe_temp_queue: bool,
+    subscribe_temp_queue: bool | None,
     rng: random.Random | None,
     parser_limits: Mapping[str, Any],
 ) -> AsyncIterator[Client]:
@@ -1412,7 +1424,8 @@ _COMMON_DOC = """
       max_send_buffer: bytes queued for sending before ``send`` blocks.
       reconnect: a :class:`ReconnectPolicy`, or ``None`` (a lost connection fails the client).
       subscribe_temp_queue: SUBSCRIBE to the reply temp queue before the first
-        :meth:`Client.request` (for brokers that do not subscribe it themselves).
+        :meth:`Client.request` on a connection (``None``, the default: yes, unless the
+        CONNECTED ``server`` is RabbitMQ, which subscribes it itself and forbids SUBSCRIBE).
       rng: a ``random.Random`` for the back-off jitter (tests pass a seeded one).
       **parser_limits: ``max_line_length``, ``max_headers``, ``max_body_size``,
         ``max_frame_size`` for incoming frames.
@@ -1446,7 +1459,7 @@ async def open_client(
     heart_beat_tolerance: float = 2.0,
     max_send_buffer: int = 1 << 20,
     reconnect: ReconnectPolicy | None = None,
-    subscribe_temp_queue: bool = False,
+    subscribe_temp_queue: bool | None = None,
     rng: random.Random | None = None,
     **parser_limits: Any,
 ) -> AsyncIterator[Client]:
@@ -1497,7 +1510,7 @@ async def open_client_over_stream_factory(
     heart_beat_tolerance: float = 2.0,
     max_send_buffer: int = 1 << 20,
     reconnect: ReconnectPolicy | None = None,
-    subscribe_temp_queue: bool = False,
+    subscribe_temp_queue: bool | None = None,
     rng: random.Random | None = None,
     **parser_limits: Any,
 ) -> AsyncIterator[Client]:
@@ -1554,7 +1567,7 @@ async def open_client_over_stream(
     disconnect_timeout: float = 5.0,
     heart_beat_tolerance: float = 2.0,
     max_send_buffer: int = 1 << 20,
-    subscribe_temp_queue: bool = False,
+    subscribe_temp_queue: bool | None = None,
     **parser_limits: Any,
 ) -> AsyncIterator[Client]:
     """Like :func:`open_client`, over one already-connected stream (no reconnection).

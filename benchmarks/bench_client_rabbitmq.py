@@ -14,6 +14,10 @@ queue, printed as messages per second:
 - consume client-individual: the same, with one ACK per message (``prefetch-count`` 1000);
 - publish+consume: one client publishes while another consumes (auto), end to end.
 
+Besides messages per second, each row shows how busy our (single-threaded) client process
+was: the CPU seconds it used over the wall-clock seconds. Well below 100 % means the client was
+waiting for the broker, i.e. the broker (or the machine) set the pace.
+
 It asserts nothing: the figures are for people. Every loop is bounded by ``--count``.
 """
 
@@ -26,7 +30,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Awaitable, Iterator
 from typing import Any
 
 import trio
@@ -106,29 +110,36 @@ async def bench_pipeline(args: argparse.Namespace, port: int, queue: str) -> flo
         return time.perf_counter() - start
 
 
+async def measured(scenario: Awaitable[float]) -> tuple[float, float]:
+    """(wall seconds the scenario reports, our CPU seconds over the whole call)."""
+    cpu = time.process_time()
+    elapsed = await scenario
+    return elapsed, time.process_time() - cpu
+
+
 async def run(args: argparse.Namespace, port: int) -> None:
-    rows: list[tuple[str, float]] = []
+    rows: list[tuple[str, float, float]] = []
     for round_ in range(args.repeat):
         queue = f"/queue/bench-client-{uuid.uuid4().hex[:8]}"
         results = {
-            "publish": await bench_publish(args, port, queue),
-            "consume auto": await bench_consume(args, port, queue, "auto"),
+            "publish": await measured(bench_publish(args, port, queue)),
+            "consume auto": await measured(bench_consume(args, port, queue, "auto")),
         }
         await bench_publish(args, port, queue)
-        results["consume client-individual (ACK each)"] = await bench_consume(
-            args, port, queue, "client-individual"
+        results["consume client-individual (ACK each)"] = await measured(
+            bench_consume(args, port, queue, "client-individual")
         )
-        results["publish+consume (2 clients)"] = await bench_pipeline(
-            args, port, f"/queue/bench-pipe-{uuid.uuid4().hex[:8]}"
+        results["publish+consume (2 clients)"] = await measured(
+            bench_pipeline(args, port, f"/queue/bench-pipe-{uuid.uuid4().hex[:8]}")
         )
-        for label, elapsed in results.items():
-            rows.append((label, elapsed))
+        for label, (elapsed, cpu) in results.items():
+            rows.append((label, elapsed, cpu))
         print(f"round {round_ + 1}/{args.repeat} done", flush=True)
     print(f"\n{args.count} messages of {args.body} bytes, best of {args.repeat}:")
-    print(f"{'scenario':40} {'msgs/s':>10} {'seconds':>9}")
-    for label in dict.fromkeys(label for label, _ in rows):
-        best = min(elapsed for name, elapsed in rows if name == label)
-        print(f"{label:40} {args.count / best:10.0f} {best:9.3f}")
+    print(f"{'scenario':40} {'msgs/s':>10} {'seconds':>9} {'client CPU':>11}")
+    for label in dict.fromkeys(label for label, _, _ in rows):
+        best, cpu = min((e, c) for name, e, c in rows if name == label)
+        print(f"{label:40} {args.count / best:10.0f} {best:9.3f} {100 * cpu / best:10.0f}%")
 
 
 def main() -> None:

@@ -1002,3 +1002,17 @@ def test_fast_encoding_matches_serialize(
             _encode(command, pairs, body, version)
         return
     assert _encode(command, pairs, body, version) == expected
+
+
+def test_the_client_never_imports_the_broker() -> None:
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys, trio_stomp, trio_stomp._client, trio_stomp._peer;"
+        "print(sorted(m for m in sys.modules if m.startswith('trio_stomp.broker')))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, check=True, timeout=60
+    )
+    assert result.stdout.strip() == b"[]"

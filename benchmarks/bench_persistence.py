@@ -28,7 +28,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 BODY = b"x" * 100
@@ -36,7 +36,7 @@ TIMEOUT = 120.0
 
 
 @contextmanager
-def broker(store: str, sync: str) -> Iterator[tuple[str, int]]:
+def broker(store: str, sync: str) -> Iterator[tuple[tuple[str, int], int]]:
     process = subprocess.Popen(
         [
             sys.executable,
@@ -63,7 +63,7 @@ def broker(store: str, sync: str) -> Iterator[tuple[str, int]]:
         line = process.stdout.readline().strip()
         assert line.startswith("listening on tcp://"), line
         host, _, port = line.removeprefix("listening on tcp://").rpartition(":")
-        yield host, int(port)
+        yield (host, int(port)), process.pid
     finally:
         process.terminate()
         try:
@@ -73,6 +73,16 @@ def broker(store: str, sync: str) -> Iterator[tuple[str, int]]:
             process.wait()
         if process.stdout is not None:
             process.stdout.close()
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process ``pid`` (Linux ``/proc``; 0.0 elsewhere)."""
+    try:
+        with open(f"/proc/{pid}/stat") as file:
+            fields = file.read().rpartition(")")[2].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def connect(address: tuple[str, int]) -> socket.socket:
@@ -168,21 +178,32 @@ def main() -> None:
     args = parser.parse_args()
     n = args.n
     results: dict[str, dict[str, float]] = {}
+    cpu: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory() as directory:
         stores = {
             "memory": "memory",
             f"sqlite ({args.sync})": f"sqlite:{os.path.join(directory, 'bench.db')}",
         }
         for label, store in stores.items():
-            with broker(store, args.sync) as address:
+            with broker(store, args.sync) as (address, pid):
                 pipelined(address, 2000, 100, "/queue/warmup")  # warm up, then measure
                 end_to_end(address, 2000, "/queue/warmup")
-                results[label] = {
-                    "receipt/100": pipelined(address, n, 100, "/queue/r100"),
-                    "receipt/1": pipelined(address, n, 1, "/queue/r1"),
-                    "receipt/1 sync": synchronous(address, args.sync_n, "/queue/sync"),
-                    "end to end": end_to_end(address, n, "/queue/e2e"),
+                scenarios: dict[str, tuple[int, Callable[[], float]]] = {
+                    "receipt/100": (n, lambda: pipelined(address, n, 100, "/queue/r100")),
+                    "receipt/1": (n, lambda: pipelined(address, n, 1, "/queue/r1")),
+                    "receipt/1 sync": (
+                        args.sync_n,
+                        lambda: synchronous(address, args.sync_n, "/queue/sync"),
+                    ),
+                    "end to end": (n, lambda: end_to_end(address, n, "/queue/e2e")),
                 }
+                results[label] = {}
+                cpu[label] = {}
+                for scenario, (count, run) in scenarios.items():
+                    before = cpu_seconds(pid)
+                    results[label][scenario] = run()
+                    used = cpu_seconds(pid) - before
+                    cpu[label][scenario] = count / used if used > 0 else float("nan")
     print(f"persistent 100-byte messages/s, N={n} (sync scenario: {args.sync_n})")
     labels = list(results)
     print(f"{'scenario':<16}" + "".join(f"{label:>18}" for label in labels))
@@ -190,6 +211,11 @@ def main() -> None:
         print(
             f"{scenario:<16}" + "".join(f"{results[label][scenario]:>18,.0f}" for label in labels)
         )
+    print()
+    print("messages per second of broker CPU time (the figure on an idle core)")
+    for scenario in next(iter(cpu.values())):
+        print(f"{scenario:<16}" + "".join(f"{cpu[label][scenario]:>18,.0f}" for label in labels))
+    print(f"load average now: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
 
 
 if __name__ == "__main__":

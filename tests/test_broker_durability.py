@@ -246,6 +246,12 @@ async def test_bad_expires_is_an_error() -> None:
         await send(raw, "/queue/x", b"", expires="soon")
         error = await raw.expect_error_and_close()
         assert "expires" in error.headers["message"]
+        # In a transaction it is refused at the SEND, not half-way through the COMMIT.
+        raw = await client(broker)
+        await raw.send("BEGIN", {"transaction": "t"})
+        await send(raw, "/queue/x", b"", transaction="t", expires="-1")
+        error = await raw.expect_error_and_close()
+        assert "expires" in error.headers["message"]
 
 
 # -- dead letters ------------------------------------------------------------------------

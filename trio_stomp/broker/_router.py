@@ -288,9 +288,9 @@ class Router:
         if not destination:
             raise RemoteProtocolError("SEND frame has no destination header")
         self._check_name(destination)
-        _expires(frame)
         transaction = headers.get("transaction")
         if transaction is not None:
+            _expires(frame)  # raises now: COMMIT must not fail half-way
             self._transaction(connection, transaction).append(frame)
             return
         self._publish(connection, frame, destination)
@@ -307,6 +307,7 @@ class Router:
             else:
                 counters.unrouted += 1
             return
+        expires = _expires(frame)  # before any state changes (a reply-to temp queue)
         passthrough: list[tuple[str, str]] = []
         for header, value in frame.headers.raw:
             if header in RESERVED_HEADERS:
@@ -315,7 +316,6 @@ class Router:
                 queue = self._temp_queue(connection, value[len(TEMP_QUEUE_PREFIX) :])
                 value = self._reply_name(connection, queue.name[len(TEMP_QUEUE_PREFIX) :])
             passthrough.append((header, value))
-        expires = _expires(frame)  # validated by send()
         settings = self._settings(name) if self._settings_for is not None else None
         if not expires and settings is not None and settings.ttl and self._clock is not None:
             expires = self._clock() + int(settings.ttl * 1000)

@@ -492,3 +492,24 @@ async def test_durable_subscription_survives_a_restart(tmp_path: Path) -> None:
         await send(producer, "/topic/news", b"nobody", receipt="r")
         await producer.expect("RECEIPT")
         assert broker.statistics().messages_unrouted == 1
+
+
+async def test_drop_oldest_removes_the_stored_copy(tmp_path: Path) -> None:
+    db = tmp_path / "broker.db"
+    async with open_broker(sqlite(db)) as broker:
+        raw = await client(broker)
+        for body in (b"old", b"new"):
+            await send(raw, "/queue/full", body, persistent="true", receipt=body.decode())
+            await raw.expect("RECEIPT")
+        queue = broker.router.queues["/queue/full"]
+        for _ in range(3):  # the third finds the queue empty: nothing happens
+            broker.router.drop_oldest(queue)
+        assert broker.statistics().messages_dropped == 2
+        assert broker.statistics().messages_queued == 0
+        await send(raw, "/queue/full", b"last", persistent="true", receipt="r")
+        await raw.expect("RECEIPT")
+    async with open_broker(sqlite(db)) as broker:
+        raw = await client(broker)
+        await raw.send("SUBSCRIBE", {"destination": "/queue/full", "id": "s"})
+        assert [f.body for f in await receive_bodies(raw, 1)] == [b"last"]
+        await nothing_more(raw)

@@ -546,6 +546,16 @@ class Router:
             assert self.journal is not None
             self.journal.delete(key)
 
+    def drop_oldest(self, queue: Queue) -> None:
+        """Discard ``queue``'s oldest waiting message, if any (a full queue's overflow
+        policy): counted in ``dropped`` and removed from the store. Use this rather than
+        popping ``queue.messages``, or a persistent message comes back after a restart."""
+        if queue.messages:
+            message = queue.messages.popleft()
+            self.counters.queued -= 1
+            self.counters.dropped += 1
+            self._forget(message)
+
     def expire(self, queue: Queue, message: Message) -> bool:
         """QueueHooks: has ``message`` expired? If so drop or dead-letter it."""
         if self._clock is None or message.expires > self._clock():

@@ -209,3 +209,32 @@ async def test_sigkill_mid_production_keeps_every_receipted_message(
     assert set(confirmed) <= set(got)
     assert got == sorted(got)
     assert len(got) == len(set(got))
+
+
+@pytest.mark.slow
+async def test_sigterm_closes_the_store_cleanly(tmp_path: Path) -> None:
+    """A graceful stop flushes the store and marks it clean: after the restart only the
+    messages that had been delivered are marked redelivered."""
+    db = tmp_path / "broker.db"
+    async with broker_process(db) as (process, address):
+        producer = await connect(address)
+        confirmed: list[int] = []
+        await produce(producer, 10, confirmed, 10)
+        consumer = await connect(address)
+        await consumer.send(
+            "SUBSCRIBE",
+            {"destination": "/queue/k9", "id": "s", "ack": "client-individual", "prefetch": "3"},
+        )
+        with trio.fail_after(10):
+            for _ in range(3):
+                await consumer.expect("MESSAGE")  # delivered, never acknowledged
+        process.send_signal(signal.SIGTERM)
+        with trio.fail_after(20):
+            await process.wait()
+        assert process.returncode == 0
+        await producer.aclose()
+        await consumer.aclose()
+    async with broker_process(db) as (_, address):
+        got = await take_all(address)
+    assert [index for index, _, _ in got] == list(range(10))
+    assert [redelivered for _, redelivered, _ in got] == ["true"] * 3 + [None] * 7

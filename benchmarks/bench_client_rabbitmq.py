@@ -15,8 +15,10 @@ queue, printed as messages per second:
 - publish+consume: one client publishes while another consumes (auto), end to end.
 
 Besides messages per second, each row shows how busy our (single-threaded) client process
-was: the CPU seconds it used over the wall-clock seconds. Well below 100 % means the client was
-waiting for the broker, i.e. the broker (or the machine) set the pace.
+was (its CPU seconds over the wall-clock seconds) and the messages per CPU-second of the
+client, which depends much less on what else the machine is doing. Low CPU with a low load
+average means the broker set the pace; the load average before and after is printed because
+on a shared 2-core machine other processes can starve both sides.
 
 It asserts nothing: the figures are for people. Every loop is bounded by ``--count``.
 """
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import pathlib
 import sys
 import tempfile
@@ -136,10 +139,13 @@ async def run(args: argparse.Namespace, port: int) -> None:
             rows.append((label, elapsed, cpu))
         print(f"round {round_ + 1}/{args.repeat} done", flush=True)
     print(f"\n{args.count} messages of {args.body} bytes, best of {args.repeat}:")
-    print(f"{'scenario':40} {'msgs/s':>10} {'seconds':>9} {'client CPU':>11}")
+    print(f"{'scenario':40} {'msgs/s':>8} {'seconds':>8} {'client CPU':>10} {'msgs/CPU-s':>10}")
     for label in dict.fromkeys(label for label, _, _ in rows):
         best, cpu = min((e, c) for name, e, c in rows if name == label)
-        print(f"{label:40} {args.count / best:10.0f} {best:9.3f} {100 * cpu / best:10.0f}%")
+        print(
+            f"{label:40} {args.count / best:8.0f} {best:8.3f} {100 * cpu / best:9.0f}% "
+            f"{args.count / cpu:10.0f}"
+        )
 
 
 def main() -> None:
@@ -155,7 +161,9 @@ def main() -> None:
     if not 0 < args.count <= 10_000_000:
         parser.error("--count must be between 1 and 10,000,000")
     with broker_port(args) as port:
+        before = os.getloadavg()[0]
         trio.run(run, args, port)
+        print(f"load average (1 min): {before:.1f} before, {os.getloadavg()[0]:.1f} after")
 
 
 if __name__ == "__main__":

@@ -4,12 +4,14 @@ This module owns everything a client application sees: connecting and negotiatin
 heart-beats, ``host``/login), sending with optional receipts, subscriptions (async context
 managers yielding :class:`Message` values with ``ack()``/``nack()``), transactions,
 request/reply over ``/temp-queue/``, a graceful DISCONNECT, and opt-in reconnection with
-back-off across a list of brokers. It stands on :mod:`trio_stomp._peer` and never touches
-bytes itself; it never imports the broker.
+back-off across a list of brokers. It stands on :mod:`trio_stomp._peer`; it never reads bytes
+and writes them only through ``_encode``, a fast path for plain frames that defers to
+:func:`~trio_stomp.serialize` for anything needing escaping. It never imports the broker.
 
 Three layers, as in trio-websocket:
 
-- :func:`open_client` takes ``stomp://`` / ``stomp+ssl://`` URLs (a list means failover);
+- :func:`open_client` takes ``stomp://`` / ``stomp+ssl://`` / ``ws://`` / ``wss://`` URLs (a
+  list means failover; :data:`TRANSPORTS` maps schemes to stream openers);
 - :func:`open_client_over_stream_factory` takes zero-argument async callables that open a
   ``trio.abc.Stream`` (the seam for other transports, e.g. WebSocket, and for tests);
 - :func:`open_client_over_stream` takes one existing stream (no reconnection possible).
@@ -29,9 +31,10 @@ Slow consumers and heart-beats (the choice we made)
 Each subscription has a bounded buffer (``max_buffer`` messages). When it is full the
 dispatcher *waits* for the application, so it stops taking batches from the peer; the peer's
 inbound channel fills, its reader stops reading, TCP's window closes, and the broker is pushed
-back. Nothing grows without bound. Because one TCP connection carries everything, a stalled
-subscription also delays receipts and other subscriptions on the same connection (use a second
-client for independent flows).
+back. Nothing grows without bound. (The dispatcher resumes once the buffer is half empty, so it
+hands messages over in runs rather than one per ``receive``.) Because one TCP connection
+carries everything, a stalled subscription also delays receipts and other subscriptions on the
+same connection (use a second client for independent flows).
 
 The heart-beat watchdog must not mistake that stall for a dead broker. The peer's reader keeps
 reading (and counting every byte as liveness) as long as its inbound channel has room; once it

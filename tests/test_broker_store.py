@@ -56,7 +56,10 @@ async def test_sqlite_recovers_in_journal_order_after_a_crash(tmp_path: Path) ->
             await store.wait_committed(position)
         assert store.is_committed(position)
         nursery.cancel_scope.cancel()
-    # No close(): as after SIGKILL. Everything may have been delivered -> redelivered.
+    # No close(): as after SIGKILL (the process' death releases the file's lock, as
+    # closing the handle does here). Everything may have been delivered -> redelivered.
+    assert store._db is not None
+    store._db.close()
     again, rows = await _reopen(path)
     assert [r[2] for r in rows] == ["0", "1", "2", "4", "5", "6", "7", "8", "9"]
     assert [r[0] for r in rows] == sorted(r[0] for r in rows)
@@ -228,3 +231,16 @@ async def test_missing_directory_is_an_oserror(tmp_path: Path) -> None:
     store: Store = SqliteStore(str(tmp_path / "nope" / "s.db"))
     with pytest.raises(OSError):
         await store.open()
+
+
+async def test_one_broker_per_store(tmp_path: Path) -> None:
+    path = tmp_path / "s.db"
+    first = SqliteStore(str(path))
+    await first.open()
+    second = SqliteStore(str(path))
+    with pytest.raises(OSError, match="in use"):
+        await second.open()
+    await first.close()
+    third = SqliteStore(str(path))
+    await third.open()  # free again
+    await third.close()

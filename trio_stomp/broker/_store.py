@@ -293,7 +293,9 @@ class Store:
         """Open the store and read what it holds. Call once, before :meth:`run`.
 
         Raises:
-          OSError, sqlite3.Error: the store cannot be opened or read.
+          OSError: the store cannot be opened (a missing directory; another broker holds
+            it).
+          sqlite3.Error: the file cannot be read (not a database, corrupt).
         """
         await trio.lowlevel.checkpoint()
         return Recovered()
@@ -428,8 +430,12 @@ class SqliteStore(Store):
         directory = os.path.dirname(os.path.abspath(self.path))
         if not os.path.isdir(directory):
             raise OSError(f"store directory {directory!r} does not exist")
-        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=0.5)
         try:
+            # One broker per store: a second one would recover the same messages and
+            # deliver them twice. The exclusive lock is taken by the first write below
+            # and held until the connection closes (or the process dies).
+            db.execute("PRAGMA locking_mode=EXCLUSIVE")
             db.execute("PRAGMA journal_mode=WAL")
             db.execute(f"PRAGMA synchronous={self.sync.upper()}")
             db.executescript(
@@ -486,6 +492,11 @@ class SqliteStore(Store):
             )
             # From now on, until close() says otherwise, a stop is a crash.
             db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('clean', '0')")
+        except sqlite3.OperationalError as exc:
+            db.close()
+            if "locked" in str(exc):
+                raise OSError(f"store {self.path!r} is in use by another broker") from exc
+            raise
         except BaseException:
             db.close()
             raise

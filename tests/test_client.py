@@ -1016,3 +1016,49 @@ def test_the_client_never_imports_the_broker() -> None:
         [sys.executable, "-c", probe], capture_output=True, check=True, timeout=60
     )
     assert result.stdout.strip() == b"[]"
+
+
+async def test_open_client_over_tls() -> None:
+    import ssl
+
+    import trustme
+
+    ca = trustme.CA()
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server_context)
+    client_context = ssl.create_default_context()
+    ca.configure_trust(client_context)
+    async with mini_broker() as broker:
+        listeners = await broker.nursery.start(
+            functools.partial(
+                trio.serve_ssl_over_tcp, broker.serve, 0, server_context, host="127.0.0.1"
+            )
+        )
+        port = listeners[0].transport_listener.socket.getsockname()[1]
+        async with open_client(
+            f"stomp+ssl://127.0.0.1:{port}", ssl_context=client_context, heart_beat=(0, 0)
+        ) as client:
+            await client.send("/queue/a", b"over tls", receipt=True)
+        assert broker.frames("SEND")[0].body == b"over tls"
+
+
+async def test_cancelling_the_connect_leaves_nothing_behind() -> None:
+    entered = trio.Event()
+
+    async def hang() -> trio.abc.Stream:
+        ours, _theirs = trio.testing.memory_stream_pair()
+        entered.set()
+        await trio.sleep(3600)  # far beyond the test's bound: only cancellation ends it
+        return ours
+
+    with trio.move_on_after(5) as scope:
+        async with trio.open_nursery() as nursery:
+
+            async def connect() -> None:
+                async with open_client_over_stream_factory(hang):
+                    pytest.fail("connected")  # pragma: no cover
+
+            nursery.start_soon(connect)
+            await entered.wait()
+            nursery.cancel_scope.cancel()
+    assert not scope.cancelled_caught

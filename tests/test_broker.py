@@ -47,6 +47,10 @@ class RawClient:
                 self.pending.append(Frame(event.command, event.headers, bytes(event.body)))
         return True
 
+    async def _fill_forever(self) -> None:
+        while await self._fill():
+            pass
+
     async def receive(self) -> Frame:
         while not self.pending:
             if not await self._fill():

@@ -15,7 +15,7 @@ import trio.testing
 from test_broker import RawClient
 
 from trio_stomp import Frame, serialize
-from trio_stomp.broker import Broker, open_broker
+from trio_stomp.broker import Broker, Config, open_broker, serve_broker
 
 _open_clients: list[RawClient] = []
 
@@ -266,3 +266,45 @@ async def test_a_client_that_never_reads_its_receipts_is_pushed_back() -> None:
                     receipt = await greedy.expect("RECEIPT")
                     assert receipt.headers["receipt-id"] == receipt_id
         assert sent == count
+
+
+async def test_shutdown_stops_listeners_before_telling_sessions() -> None:
+    async with trio.open_nursery() as nursery:
+        broker: Broker = await nursery.start(
+            serve_broker, Config(listen=["tcp://127.0.0.1:0"], shutdown_grace=2.0)
+        )
+        connected = await tcp_client(broker)
+        # A client that does not read: its session must not delay the others past the grace.
+        await connected.send("SUBSCRIBE", {"destination": "/queue/sd", "id": "1", "receipt": "r"})
+        await connected.expect("RECEIPT")
+        port = int(broker.addresses[0].rpartition(":")[2])
+        start = trio.current_time()
+        nursery.cancel_scope.cancel()  # what SIGTERM does in the CLI
+    # serve_broker returned only after the sessions were told and flushed.
+    assert trio.current_time() - start < 2.0
+    error = await connected.expect_error_and_close()
+    assert error.headers["message"] == "broker shutting down"
+    with pytest.raises(OSError):
+        await trio.open_tcp_stream("127.0.0.1", port)
+    stats = broker.statistics()
+    assert stats.connections == 0 and stats.errors_sent == 1
+
+
+async def test_one_ticker_keeps_many_heart_beats_on_time(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with open_broker(listen=[], heart_beat=(100, 0)) as broker:
+        clients = []
+        for i in range(50):
+            raw = RawClient(broker.connect_in_memory())
+            await raw.connect(**{"heart-beat": f"0,{100 + i}"})
+            clients.append(raw)
+        async with trio.open_nursery() as nursery:
+            for raw in clients:
+                nursery.start_soon(raw._fill_forever)
+            await trio.sleep(3)
+            nursery.cancel_scope.cancel()
+        for i, raw in enumerate(clients):
+            interval = (100 + i) / 1000
+            # ~3 s / interval beats, give or take the first and last one
+            assert abs(raw.heart_beats - 3 / interval) <= 2, (i, raw.heart_beats)

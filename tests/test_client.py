@@ -68,6 +68,7 @@ class MiniBroker:
     connect_error: str | None = None  # answer CONNECT with this ERROR
     answer_receipts: bool = True
     server: str = "mini/1"
+    error_on_subscribe: bool = False
     silent: bool = False  # after CONNECTED: read everything, answer nothing, beat nothing
     received: list[tuple[int, Frame]] = attrs.Factory(list)
     attempts: list[float] = attrs.Factory(list)
@@ -144,6 +145,10 @@ class MiniBroker:
             return True
         if self.silent:
             return True
+        if frame.command == "SUBSCRIBE" and self.error_on_subscribe:
+            await peer.send(Frame("ERROR", {"message": "forbidden"}))
+            await peer.aclose()
+            return False
         if frame.command == "SUBSCRIBE":
             self.subs.append(Sub(conn, h.get("id") or "", h["destination"], h.get("ack") or "auto"))
         elif frame.command == "UNSUBSCRIBE":
@@ -814,21 +819,15 @@ async def test_an_error_every_time_ends_at_max_attempts(
     policy = ReconnectPolicy(initial_delay=1, jitter=0, max_attempts=3)
     async with connected(reconnect=policy) as (broker, client):
         async with client.subscribe("/queue/a") as sub:
-
-            async def refuse_every_subscribe() -> None:
-                while True:
-                    await trio.sleep(0.001)
-                    for conn in broker.conns:
-                        if broker.frames("SUBSCRIBE", conn=conn.number):
-                            await conn.peer.send(Frame("ERROR", {"message": "forbidden"}))
-
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(refuse_every_subscribe)
-                with pytest.raises(ConnectionLost, match=r"gave up .* 3 attempts.*forbidden"):
-                    await sub.receive()
-                nursery.cancel_scope.cancel()
-        # Back-off grew across the ERROR-closed connections: 1 s, then 2 s.
-        assert client.statistics().connections == 3
+            broker.error_on_subscribe = True
+            await broker.kill()  # the re-SUBSCRIBE on every new connection gets an ERROR
+            with pytest.raises(ConnectionLost, match=r"gave up .* 3 attempts.*forbidden"):
+                await sub.receive()
+        # Connection 1 was lost (EOF); 2, 3 and 4 ended with an ERROR each: attempts 1, 2, 3.
+        assert client.statistics().connections == 4
+        # Back-off grew across the ERROR-closed connections (1, 2, 4 s) instead of resetting.
+        gaps = [b - a for a, b in itertools.pairwise(broker.attempts[1:])]
+        assert gaps == pytest.approx([2, 4])
 
 
 def test_broker_error_text_is_not_repeated() -> None:

@@ -206,6 +206,33 @@ async def test_expired_messages_are_never_delivered(autojump: trio.testing.MockC
         assert broker.statistics().messages_dead_lettered == 0
 
 
+@pytest.fixture
+def still_clock() -> trio.testing.MockClock:
+    # Stands still until the test jumps it: SQLite commits run in threads, and an
+    # autojump clock would race ahead while they do.
+    return trio.testing.MockClock(rate=0)
+
+
+async def test_recovered_messages_still_expire(
+    tmp_path: Path, still_clock: trio.testing.MockClock
+) -> None:
+    config = sqlite(tmp_path / "broker.db", expiry_sweep_interval=1.0)
+    expires = str(int(time.time() * 1000) + 10_000)
+    async with open_broker(config) as broker:
+        raw = await client(broker)
+        await send(raw, "/queue/e", b"x", persistent="true", expires=expires, receipt="r")
+        await raw.expect("RECEIPT")
+    async with open_broker(config) as broker:
+        assert broker.statistics().messages_queued == 1
+        await trio.testing.wait_all_tasks_blocked()  # the sweeper is asleep
+        still_clock.jump(30)
+        await trio.testing.wait_all_tasks_blocked()
+        stats = broker.statistics()
+        assert (stats.messages_expired, stats.messages_queued, stats.messages_stored) == (1, 0, 0)
+    async with open_broker(config) as broker:
+        assert broker.statistics().messages_queued == 0
+
+
 async def test_ttl_sets_an_expires_header(autojump: trio.testing.MockClock) -> None:
     config = Config(listen=[], shutdown_grace=0.5, destinations={"/queue/t": {"ttl": 5}})
     async with open_broker(config) as broker:

@@ -359,18 +359,26 @@ class Broker:
                     for session in sessions:
                         session.shutdown()
                 # 3. sessions are done: commit what they journaled; housekeeping goes last.
-                await self.store.close()
+                # Shielded from the hard-stop deadline: a flush that was cut short would
+                # leave the store marked unclean (safe, but every message "redelivered").
+                with trio.CancelScope(shield=True):
+                    await self.store.close()
                 housekeeping.cancel_scope.cancel()
         self._connections = None
         logger.info("broker stopped")
 
 
 class _WallClock:
-    """Milliseconds since the epoch that advance with Trio's clock (so a test's autojump
-    clock drives expiry), anchored to the wall clock on the first call."""
+    """Milliseconds since the epoch that advance with Trio's clock (so a test's mock
+    clock drives expiry), anchored to the wall clock when made (inside Trio) or else on
+    the first call."""
 
     def __init__(self) -> None:
         self._anchor: tuple[float, float] | None = None
+        try:
+            self._anchor = (time.time(), trio.current_time())
+        except RuntimeError:  # not inside trio.run
+            pass
 
     def __call__(self) -> int:
         now = trio.current_time()

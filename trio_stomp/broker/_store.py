@@ -578,7 +578,11 @@ class SqliteStore(Store):
         db = self._db
         self._db = None
         if db is not None:
-            await trio.to_thread.run_sync(self._close_sync, db, self._failed is None)
+            try:
+                await trio.to_thread.run_sync(self._close_sync, db, self._failed is None)
+            except BaseException:
+                db.close()  # cancelled: release the file's lock at least (left unclean)
+                raise
 
     @staticmethod
     def _close_sync(db: sqlite3.Connection, clean: bool) -> None:

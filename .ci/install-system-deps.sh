@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Install the system packages the interop tests need (Debian 12, as root).
+# Install the system packages the interop tests need (Debian 12, as root): RabbitMQ here,
+# then chromium, node and the npm packages through install-browser-deps.sh.
 #
 # Owns: making `rabbitmq-server` (with its STOMP and Web-STOMP plugins, which
 # Debian ships inside the package) present on the machine, and making sure the
@@ -112,4 +113,8 @@ fi
 
 log "rabbitmq-server: $(command -v /usr/lib/rabbitmq/bin/rabbitmq-server)"
 log "plugins shipped: $(ls /usr/lib/rabbitmq/lib/rabbitmq_server-*/plugins | grep -E '^rabbitmq_(web_)?stomp-' | tr '\n' ' ' || true)"
-log "done"
+log "rabbitmq done"
+
+# The browser and Node interop tests (WebSocket): Debian's chromium, node/npm and the
+# pinned npm packages under tests/browser.
+bash "$(dirname "$0")/install-browser-deps.sh"

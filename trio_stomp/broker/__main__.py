@@ -13,6 +13,8 @@ bad command line or configuration.
 from __future__ import annotations
 
 import argparse
+import getpass
+import json
 import logging
 import signal
 import sys
@@ -21,8 +23,10 @@ from typing import Any
 
 import trio
 
+from ._auth import hash_password, load_users_file
 from ._broker import Broker, serve_broker
 from ._config import DEFAULT_LISTEN, LOG_LEVELS, Config, config_from_mapping, load_config
+from ._listeners import make_server_ssl_context
 
 logger = logging.getLogger("trio_stomp.broker")
 
@@ -185,6 +189,84 @@ def _parser() -> argparse.ArgumentParser:
         help="what a full durable subscription drops (default: drop-oldest)",
     )
     add("--server-name", metavar="NAME", help="the CONNECTED frame's server header")
+    # Security and limits (docs/security.md).
+    add(
+        "--users",
+        metavar="FILE.toml",
+        help="users file: password hashes, groups and ACL rules (make a hash with: "
+        "python -m trio_stomp.broker passwd USER)",
+    )
+    add(
+        "--allow-anonymous",
+        action="store_true",
+        default=None,
+        help="let clients without credentials in (default: only when no users are "
+        "configured and every listener is on loopback)",
+    )
+    add("--tls-cert", metavar="PEM", help="certificate chain for tls:// listeners")
+    add("--tls-key", metavar="PEM", help="private key for tls:// listeners")
+    add(
+        "--tls-ca",
+        metavar="PEM",
+        help="require tls:// clients to present a certificate signed by these CAs; its "
+        "common name is the client's user name",
+    )
+    add(
+        "--auth-failure-delay",
+        type=float,
+        metavar="SECONDS",
+        help="first delay after a failed CONNECT from an address, doubled per failure "
+        "(default: 0.25)",
+    )
+    add(
+        "--auth-failure-max-delay",
+        type=float,
+        metavar="SECONDS",
+        help="longest delay after failed CONNECTs from an address (default: 10)",
+    )
+    add("--max-connections", type=int, metavar="N", help="open connections (default: 10000)")
+    add(
+        "--max-connections-per-address",
+        type=int,
+        metavar="N",
+        help="open connections from one IP address (default: 1000)",
+    )
+    add(
+        "--max-subscriptions",
+        type=int,
+        metavar="N",
+        help="subscriptions per connection (default: 1000)",
+    )
+    add(
+        "--max-transactions",
+        type=int,
+        metavar="N",
+        help="open transactions per connection (default: 100)",
+    )
+    add(
+        "--max-transaction-frames",
+        type=int,
+        metavar="N",
+        help="SEND/ACK/NACK frames in one transaction (default: 10000)",
+    )
+    add(
+        "--max-queue-depth",
+        type=int,
+        metavar="N",
+        help="messages waiting in one queue (default: 100000)",
+    )
+    add(
+        "--queue-full-policy",
+        choices=("error", "drop-oldest"),
+        help="a SEND to a full queue gets an ERROR, or the oldest message is dropped "
+        "(default: error)",
+    )
+    add(
+        "--max-destinations",
+        type=int,
+        metavar="N",
+        help="queues, topics and temp queues at once (default: 100000)",
+    )
     return parser
 
 
@@ -216,12 +298,62 @@ async def _run(config: Config) -> None:
                 break
 
 
+def _check_security_files(config: Config) -> None:
+    """Read the users file and the TLS files once before starting, so a bad one is a
+    command-line error (exit 2) rather than a failure inside the running broker."""
+    if config.users is not None:
+        load_users_file(config.users)
+    if config.tls_cert is not None:
+        make_server_ssl_context(config.tls_cert, config.tls_key, config.tls_ca)
+
+
+def passwd(argv: Sequence[str]) -> int:
+    """``python -m trio_stomp.broker passwd USER``: print a users-file entry for USER.
+
+    Reads the password twice from the terminal (or once from stdin with
+    ``--password-stdin``) and prints a ``[users.USER]`` table holding its salted scrypt
+    hash, to paste into (or append to) the users file. Returns the exit code.
+    """
+    parser = argparse.ArgumentParser(
+        prog="python -m trio_stomp.broker passwd",
+        description="Print a users-file entry ([users.USER] with a salted scrypt password "
+        "hash) for USER; append it to the file given to --users.",
+    )
+    parser.add_argument("user")
+    parser.add_argument("--groups", default="", help="comma-separated groups")
+    parser.add_argument(
+        "--password-stdin", action="store_true", help="read the password from stdin"
+    )
+    args = parser.parse_args(argv)
+    if args.password_stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+    else:
+        password = getpass.getpass(f"password for {args.user}: ")
+        if getpass.getpass("again: ") != password:
+            print("the passwords differ", file=sys.stderr)
+            return 1
+    if not password:
+        print("empty password refused", file=sys.stderr)
+        return 1
+    groups = [g.strip() for g in args.groups.split(",") if g.strip()]
+    print(f"[users.{json.dumps(args.user)}]")
+    print(f"password = {json.dumps(hash_password(password))}")
+    if groups:
+        print(f"groups = {json.dumps(groups)}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the broker until SIGINT/SIGTERM. Returns the exit code (see the module doc)."""
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv[:1] == ["passwd"]:
+        return passwd(argv[1:])
     parser = _parser()
     args = parser.parse_args(argv)
     try:
         config = build_config(args)
+        _check_security_files(config)
     except (ValueError, OSError) as exc:
         parser.error(str(exc))
     logging.basicConfig(

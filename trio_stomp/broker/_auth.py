@@ -38,6 +38,7 @@ import ipaddress
 import logging
 import re
 import secrets
+import ssl
 import sys
 from collections.abc import Iterable, Mapping
 from typing import Any, Final, Literal, Protocol
@@ -47,7 +48,9 @@ import trio
 
 from .._errors import RemoteProtocolError
 from .._frames import Frame
+from ._config import Config
 from ._destinations import Connection, Queue
+from ._listeners import make_server_ssl_context
 from ._router import QUEUE_PREFIX, REPLY_QUEUE_PREFIX, TEMP_QUEUE_PREFIX, TOPIC_PREFIX, Router
 
 if sys.version_info >= (3, 11):
@@ -62,6 +65,7 @@ __all__ = [
     "Authenticator",
     "CertificateAuthenticator",
     "Credentials",
+    "DefaultAuthenticator",
     "FailureBackoff",
     "Permission",
     "Principal",
@@ -73,6 +77,7 @@ __all__ = [
     "UsersFile",
     "hash_password",
     "is_loopback_listen",
+    "load_security",
     "load_users_file",
     "parse_users",
     "verify_password",
@@ -87,6 +92,7 @@ PERMISSIONS: Final = ("read", "write", "create")
 AUTHENTICATION_FAILED: Final = "authentication failed"
 #: The message of every refused SEND or SUBSCRIBE.
 ACCESS_REFUSED: Final = "access refused"
+
 
 def _frozen(values: Iterable[str]) -> frozenset[str]:
     return frozenset(values)
@@ -692,9 +698,10 @@ class Security:
         in as :data:`ANONYMOUS`.
       acl: access-control rules.
       backoff: the per-address failure back-off.
-      limits: the per-connection limits, by config key (``max_subscriptions``,
-        ``max_transactions``, ``max_transaction_frames``, ``max_queue_depth``,
-        ``max_destinations``) and ``queue_full_policy``.
+      limits (keyword arguments named as the config keys): ``max_connections``,
+        ``max_connections_per_address``, ``max_subscriptions``, ``max_transactions``,
+        ``max_transaction_frames``, ``max_queue_depth`` (with ``queue_full_policy``) and
+        ``max_destinations``.
     """
 
     def __init__(
@@ -704,6 +711,8 @@ class Security:
         allow_anonymous: bool = True,
         acl: AccessControl | None = None,
         backoff: FailureBackoff | None = None,
+        max_connections: int = 10_000,
+        max_connections_per_address: int = 1_000,
         max_subscriptions: int = 1000,
         max_transactions: int = 100,
         max_transaction_frames: int = 10_000,
@@ -715,6 +724,8 @@ class Security:
         self.allow_anonymous = allow_anonymous
         self.acl = acl if acl is not None else AccessControl()
         self.backoff = backoff if backoff is not None else FailureBackoff()
+        self.max_connections = max_connections
+        self.max_connections_per_address = max_connections_per_address
         self.max_subscriptions = max_subscriptions
         self.max_transactions = max_transactions
         self.max_transaction_frames = max_transaction_frames
@@ -722,6 +733,43 @@ class Security:
         self.queue_full_policy = queue_full_policy
         self.max_destinations = max_destinations
         self.counters = SecurityCounters()
+        self._connections = 0
+        # address -> connections open from it (entries vanish at zero: bounded by the
+        # number of open connections).
+        self._per_address: dict[str, int] = {}
+
+    # -- connections ------------------------------------------------------------------
+
+    def admit(self, remote: str) -> str | None:
+        """Count a new connection from ``remote``; returns None if it may proceed (call
+        :meth:`release` when it closes), else the ERROR message naming the limit (the
+        connection was not counted). In-memory connections count only towards the total.
+        Never blocks."""
+        if self._connections >= self.max_connections:
+            name, detail = "max_connections", f"{self.max_connections} connections are open"
+        else:
+            key = address_key(remote)
+            count = self._per_address.get(key, 0)
+            if key != "memory" and count >= self.max_connections_per_address:
+                name = "max_connections_per_address"
+                detail = f"{count} connections are open from this address"
+            else:
+                self._connections += 1
+                self._per_address[key] = count + 1
+                return None
+        self.counters.limits[name] += 1
+        logger.warning("connection from %s refused: %s (%s)", remote, name, detail)
+        return f"limit exceeded: {name} ({detail})"
+
+    def release(self, remote: str) -> None:
+        """A connection :meth:`admit` let in has closed."""
+        self._connections -= 1
+        key = address_key(remote)
+        count = self._per_address.get(key, 0) - 1
+        if count > 0:
+            self._per_address[key] = count
+        else:
+            self._per_address.pop(key, None)
 
     # -- CONNECT ----------------------------------------------------------------------
 
@@ -919,3 +967,81 @@ def _existing_queue(router: Router, connection: Connection, destination: str) ->
     if destination.startswith(QUEUE_PREFIX) or router.default_destination_type == "queue":
         return router.queues.get(destination)
     return None
+
+
+# -- from configuration --------------------------------------------------------------------
+
+
+class DefaultAuthenticator:
+    """The broker's built-in authentication: a verified TLS client certificate names the
+    principal (when ``certificates``); otherwise ``login``/``passcode`` are checked against
+    the users file. A certificate wins over a login."""
+
+    def __init__(self, users: UsersFile | None, *, certificates: bool = False) -> None:
+        self.passwords = UsersAuthenticator(users) if users is not None else None
+        self.certificates = CertificateAuthenticator(users) if certificates else None
+
+    async def authenticate(self, credentials: Credentials) -> Principal | None:
+        """Blocks for one password hash at most. None: refused."""
+        if credentials.certificate is not None and self.certificates is not None:
+            return await self.certificates.authenticate(credentials)
+        if self.passwords is not None:
+            return await self.passwords.authenticate(credentials)
+        await trio.lowlevel.checkpoint()
+        return None
+
+
+async def load_security(config: Config) -> tuple[Security, ssl.SSLContext | None]:
+    """The :class:`Security` policy and the TLS context a configuration asks for.
+
+    Reads the users file and the certificates in a worker thread. Logs a warning when
+    anonymous access is allowed only because nothing else is configured, and when no
+    client could ever connect.
+
+    Raises:
+      OSError: a file cannot be read. ValueError: the users file is invalid.
+      ssl.SSLError: the certificate or key is invalid.
+    """
+    users = None
+    if config.users is not None:
+        users = await trio.to_thread.run_sync(load_users_file, config.users)
+    ssl_context = None
+    if config.tls_cert is not None:
+        ssl_context = await trio.to_thread.run_sync(
+            make_server_ssl_context, config.tls_cert, config.tls_key, config.tls_ca
+        )
+    authenticator: Authenticator | None = config.authenticator
+    if authenticator is None and (users is not None or config.tls_ca is not None):
+        authenticator = DefaultAuthenticator(users, certificates=config.tls_ca is not None)
+    allow_anonymous = config.allow_anonymous
+    if allow_anonymous is None:
+        allow_anonymous = authenticator is None and all(
+            is_loopback_listen(url) for url in config.listen
+        )
+        if allow_anonymous:
+            logger.warning(
+                "anonymous access is allowed: no users are configured and every listener is "
+                "on loopback (configure users, or pass --allow-anonymous to say so explicitly)"
+            )
+    if not allow_anonymous and authenticator is None:
+        logger.warning(
+            "no users, no client certificates and no anonymous access: every CONNECT will "
+            "be refused (configure --users, --tls-ca or --allow-anonymous)"
+        )
+    security = Security(
+        authenticator=authenticator,
+        allow_anonymous=allow_anonymous,
+        acl=users.acl if users is not None else None,
+        backoff=FailureBackoff(
+            base=config.auth_failure_delay, maximum=config.auth_failure_max_delay
+        ),
+        max_connections=config.max_connections,
+        max_connections_per_address=config.max_connections_per_address,
+        max_subscriptions=config.max_subscriptions,
+        max_transactions=config.max_transactions,
+        max_transaction_frames=config.max_transaction_frames,
+        max_queue_depth=config.max_queue_depth,
+        queue_full_policy=config.queue_full_policy,
+        max_destinations=config.max_destinations,
+    )
+    return security, ssl_context

@@ -26,16 +26,20 @@ import itertools
 import logging
 import math
 import secrets
+import ssl
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Any, Final
 
 import attrs
 import trio
 
+from .._codec import serialize
+from .._frames import Frame
 from .._peer import Peer, PeerStatistics
 from .._util import unwrap_lone_exception
+from ._auth import Security, load_security
 from ._config import Config
 from ._listeners import Listener, listener_url, open_listeners, remote_address
 from ._router import Router
@@ -78,6 +82,10 @@ class BrokerStatistics:
       messages_expired: messages that expired before delivery (dropped or dead-lettered).
       messages_dead_lettered: messages moved to a dead-letter queue.
       messages_stored: persistent messages in the store now.
+      authentication_failures: CONNECTs refused (``authentication failed``).
+      access_refused: SENDs and SUBSCRIBEs refused by the access-control rules.
+      limits_hit: how often each limit was hit, by its config key
+        (``{"max_connections_per_address": 3, "max_body_size": 1}``).
     """
 
     connections: int
@@ -101,6 +109,9 @@ class BrokerStatistics:
     messages_expired: int = 0
     messages_dead_lettered: int = 0
     messages_stored: int = 0
+    authentication_failures: int = 0
+    access_refused: int = 0
+    limits_hit: Mapping[str, int] = attrs.field(factory=dict, hash=False)
 
     @property
     def destinations(self) -> int:
@@ -212,6 +223,9 @@ class Broker:
                 "" if recovered.clean else " (after an unclean stop)",
             )
 
+    security: Security = attrs.Factory(Security)
+    _ssl_context: ssl.SSLContext | None = None
+
     # -- public --------------------------------------------------------------------------
 
     def statistics(self) -> BrokerStatistics:
@@ -254,6 +268,9 @@ class Broker:
             messages_expired=counters.expired,
             messages_dead_lettered=counters.dead_lettered,
             messages_stored=self.store.statistics().stored,
+            authentication_failures=self.security.counters.authentication_failures,
+            access_refused=self.security.counters.access_refused,
+            limits_hit=dict(self.security.counters.limits),
         )
 
     def connect_in_memory(self) -> trio.abc.Stream:
@@ -283,15 +300,28 @@ class Broker:
     # -- internals -----------------------------------------------------------------------
 
     async def _handle(self, stream: trio.abc.Stream, remote: str | None = None) -> None:
+        remote = remote or remote_address(stream)
+        refusal = self.security.admit(remote)
+        if refusal is not None:
+            self._closed_errors += 1
+            await _refuse(stream, refusal)
+            return
+        try:
+            await self._run_session(stream, remote)
+        finally:
+            self.security.release(remote)
+
+    async def _run_session(self, stream: trio.abc.Stream, remote: str) -> None:
         number = next(self._session_counter)
         session = Session(
             session_id=f"session-{number}",
-            remote=remote or remote_address(stream),
+            remote=remote,
             config=self.config,
             router=self.router,
             register_heart_beat=self._ticker.add,
             on_closed=self._session_closed,
             store=self.store,
+            security=self.security,
         )
         self._sessions.add(session)
         self._connections_total += 1
@@ -320,6 +350,7 @@ class Broker:
 
     async def _run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         grace = self.config.shutdown_grace
+        self.security, self._ssl_context = await load_security(self.config)
         # Shielded: the caller's cancellation starts the graceful shutdown (open_broker's
         # exit calls close()) instead of killing sessions mid-frame. Bounded by the grace.
         with trio.CancelScope(shield=True) as root:
@@ -336,7 +367,9 @@ class Broker:
                         listeners: list[Listener] = []
                         try:
                             for url in self.config.listen:
-                                listeners.extend(await open_listeners(url))
+                                listeners.extend(
+                                    await open_listeners(url, ssl_context=self._ssl_context)
+                                )
                         except BaseException:
                             for listener in listeners:
                                 await trio.aclose_forcefully(listener)
@@ -366,6 +399,18 @@ class Broker:
                 housekeeping.cancel_scope.cancel()
         self._connections = None
         logger.info("broker stopped")
+
+
+async def _refuse(stream: trio.abc.Stream, message: str) -> None:
+    """Answer a connection the broker will not serve with one ERROR frame (at most one
+    second of trying), then close it."""
+    frame = Frame("ERROR", (("message", message), ("content-type", "text/plain")), message.encode())
+    with trio.move_on_after(1.0):
+        try:
+            await stream.send_all(serialize(frame, "1.0"))
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+    await trio.aclose_forcefully(stream)
 
 
 class _WallClock:

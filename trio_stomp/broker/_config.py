@@ -36,13 +36,14 @@ __all__ = [
 ]
 
 DEFAULT_LISTEN: Final = "tcp://127.0.0.1:61613"
-LISTEN_SCHEMES: Final = ("tcp", "ws")  # seam: "tls" (issue 5), then "wss" (TLS under ws)
+LISTEN_SCHEMES: Final = ("tcp", "ws", "tls")  # seam: "wss" (TLS under ws)
 
 DestinationType = Literal["topic", "queue"]
 SlowConsumerPolicy = Literal["disconnect", "drop"]
 ExpiryPolicy = Literal["drop", "dead-letter"]
 DurableOverflow = Literal["drop-oldest", "drop-newest"]
 StoreSync = Literal["full", "normal"]
+QueueFullPolicy = Literal["error", "drop-oldest"]
 LOG_LEVELS: Final = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
@@ -165,6 +166,11 @@ def _destinations_converter(value: Any) -> tuple[DestinationSettings, ...]:
     return tuple(value)
 
 
+def _check_authenticator(instance: Config, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if value is not None and not callable(getattr(value, "authenticate", None)):
+        raise ValueError("authenticator must have an async authenticate(credentials) method")
+
+
 def _upper(value: Any) -> str:
     return str(value).upper()
 
@@ -237,6 +243,30 @@ class Config:
         away; beyond that ``durable_overflow`` applies.
       durable_overflow: ``"drop-oldest"`` or ``"drop-newest"`` (both counted as dropped).
       destinations: per-destination :class:`DestinationSettings` (persistent, ttl...).
+
+    Security (docs/security.md):
+
+    Attributes:
+      users: a TOML users file (password hashes, groups, ACL rules); None: no users.
+      allow_anonymous: let clients without credentials in. None (the default): only when
+        no users are configured and every listener is on loopback (logged as a warning).
+      authenticator: a custom ``trio_stomp.broker.Authenticator`` object (not in TOML); it
+        replaces the users file and certificate checks.
+      tls_cert, tls_key: the broker's certificate chain and key (PEM) for ``tls://``
+        listeners; ``tls_key`` may be omitted when ``tls_cert`` holds the key.
+      tls_ca: CA certificates (PEM); when set, ``tls://`` clients must present a
+        certificate it signed, and its subject's common name is their principal.
+      auth_failure_delay, auth_failure_max_delay: the per-address back-off after a failed
+        CONNECT: the first delay in seconds, doubled per failure up to the maximum.
+      max_connections: connections open at once (over every listener).
+      max_connections_per_address: connections open at once from one IP address.
+      max_subscriptions: subscriptions per connection.
+      max_transactions: open transactions per connection.
+      max_transaction_frames: SEND/ACK/NACK frames one transaction may hold.
+      max_queue_depth: messages waiting in one queue; beyond it ``queue_full_policy``.
+      queue_full_policy: ``"error"`` (the SEND gets an ERROR, the connection closes) or
+        ``"drop-oldest"`` (the oldest waiting message is dropped and counted).
+      max_destinations: queues, topics and temp queues that may exist at once.
     """
 
     listen: tuple[str, ...] = attrs.field(
@@ -283,6 +313,27 @@ class Config:
     destinations: tuple[DestinationSettings, ...] = attrs.field(
         default=(), converter=_destinations_converter
     )
+    # Security (issue 5).
+    users: str | None = None
+    allow_anonymous: bool | None = None
+    authenticator: Any = attrs.field(default=None, validator=_check_authenticator)
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_ca: str | None = None
+    auth_failure_delay: float = attrs.field(default=0.25, converter=float, validator=_non_negative)
+    auth_failure_max_delay: float = attrs.field(
+        default=10.0, converter=float, validator=_non_negative
+    )
+    max_connections: int = attrs.field(default=10_000, validator=_positive)
+    max_connections_per_address: int = attrs.field(default=1_000, validator=_positive)
+    max_subscriptions: int = attrs.field(default=1_000, validator=_positive)
+    max_transactions: int = attrs.field(default=100, validator=_positive)
+    max_transaction_frames: int = attrs.field(default=10_000, validator=_positive)
+    max_queue_depth: int = attrs.field(default=100_000, validator=_positive)
+    queue_full_policy: QueueFullPolicy = attrs.field(
+        default="error", validator=attrs.validators.in_(("error", "drop-oldest"))
+    )
+    max_destinations: int = attrs.field(default=100_000, validator=_positive)
 
     def __attrs_post_init__(self) -> None:
         if self.heart_beat_tolerance < 1.0:
@@ -295,6 +346,10 @@ class Config:
             )
         if "\n" in self.server_name or "\r" in self.server_name:
             raise ValueError("server_name must not contain line breaks")
+        if any(url.startswith("tls://") for url in self.listen) and self.tls_cert is None:
+            raise ValueError("a tls:// listener needs tls_cert (and tls_key)")
+        if (self.tls_key is not None or self.tls_ca is not None) and self.tls_cert is None:
+            raise ValueError("tls_key and tls_ca need tls_cert")
 
     def destination_settings(self, name: str) -> DestinationSettings | None:
         """The first :attr:`destinations` entry whose pattern matches ``name``, if any."""

@@ -73,6 +73,7 @@ RESERVED_HEADERS: Final = frozenset(
         "subscription",
         "ack",
         "redelivered",
+        "user-id",  # the broker stamps the sender's principal (issue 5): never forged
     }
 )
 PREFETCH_HEADERS: Final = ("prefetch", "activemq.prefetchSize")
@@ -316,6 +317,8 @@ class Router:
                 queue = self._temp_queue(connection, value[len(TEMP_QUEUE_PREFIX) :])
                 value = self._reply_name(connection, queue.name[len(TEMP_QUEUE_PREFIX) :])
             passthrough.append((header, value))
+        if connection.user_id is not None:
+            passthrough.append(("user-id", connection.user_id))
         settings = self._settings(name) if self._settings_for is not None else None
         if not expires and settings is not None and settings.ttl and self._clock is not None:
             expires = self._clock() + int(settings.ttl * 1000)

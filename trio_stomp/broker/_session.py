@@ -47,8 +47,10 @@ from .._negotiation import (
     parse_heart_beat,
 )
 from .._peer import Peer, PeerStatistics, open_peer
+from ._auth import AUTHENTICATION_FAILED, Principal, Security
 from ._config import Config
 from ._destinations import Connection
+from ._listeners import peer_certificate
 from ._router import Router
 from ._store import Store
 
@@ -71,6 +73,7 @@ class Session:
       session_id: the ``session`` header of CONNECTED; unique in the broker.
       remote: a printable peer address (``"127.0.0.1:53422"``, ``"memory"``).
       version: the negotiated version, once CONNECTED was sent.
+      principal: who the client is, once authenticated.
     """
 
     session_id: str
@@ -83,6 +86,8 @@ class Session:
     version: str | None = None
     peer: Peer | None = None
     connection: Connection | None = None
+    security: Security | None = None
+    principal: Principal | None = None
     errors_sent: int = 0
     _stop_reason: str | None = None
     _shutting_down: bool = False
@@ -207,6 +212,8 @@ class Session:
         if timeout.cancelled_caught:
             await self._error(f"no CONNECT frame within {config.connect_timeout:g} s")
             return
+        if not await self._authenticate(peer, frame):
+            return
         if not self._connect(peer, frame):
             return
         assert self.connection is not None
@@ -224,6 +231,28 @@ class Session:
                 await self._error(self._stop_reason)
             else:
                 logger.info("session %s (%s) closed: %s", self.session_id, self.remote, exc)
+
+    async def _authenticate(self, peer: Peer, frame: Frame) -> bool:
+        """Ask the security policy who the client is; False (ERROR sent) if refused.
+        A refusal says ``authentication failed`` and nothing else, whatever the reason."""
+        security = self.security
+        if security is None or frame.command not in ("CONNECT", "STOMP"):
+            return True
+        principal = None
+        with trio.CancelScope() as self._wake:
+            if self._stop_reason is not None:
+                self._wake.cancel()
+            principal = await security.authenticate(
+                frame, self.remote, peer_certificate(peer.stream)
+            )
+        if self._wake.cancelled_caught:
+            await self._error(self._stop_reason or "closing")
+            return False
+        if principal is None:
+            await self._error(AUTHENTICATION_FAILED)
+            return False
+        self.principal = principal
+        return True
 
     def _connect(self, peer: Peer, frame: Frame) -> bool:
         """Handle the first frame; False if the connection must close (ERROR queued)."""
@@ -260,6 +289,8 @@ class Session:
         peer.send_nowait(Frame("CONNECTED", connected))
         self.connection = self.router.connect(self.session_id, version, self)
         self.connection.client_id = headers.get("client-id") or None
+        if self.principal is not None and not self.principal.anonymous:
+            self.connection.user_id = self.principal.name
         send_every, expect_every = negotiate_heart_beat(self.config.heart_beat, client_heart_beat)
         if send_every or expect_every:
             peer.set_heart_beat(send_every, expect_every)
@@ -281,6 +312,8 @@ class Session:
             "ABORT": router.abort,
         }
         deferred = self._deferred
+        security = self.security
+        principal = self.principal
         with trio.CancelScope() as self._wake:
             if self._stop_reason is not None:
                 self._wake.cancel()
@@ -298,6 +331,8 @@ class Session:
                             raise RemoteProtocolError(
                                 f"a {frame.command} frame must not have a body"
                             )
+                        if security is not None and principal is not None:
+                            security.check(router, connection, principal, frame)
                         handler(connection, frame)
                     except RemoteProtocolError as exc:
                         await self._error(str(exc), frame)
@@ -417,6 +452,8 @@ class Session:
         headers.extend(extra)
         headers.append(("content-type", "text/plain"))
         self.errors_sent += 1
+        if self.security is not None:
+            self.security.observe_error(message)
         logger.warning("session %s (%s): ERROR %s", self.session_id, self.remote, message)
         return Frame("ERROR", headers, body.encode("utf-8", "replace"))
 

@@ -685,7 +685,6 @@ _ERROR_LIMITS: Final = (
     ("maximum of", "max_headers"),
     ("without an end of line", "max_line_length"),
     ("no CONNECT frame within", "connect_timeout"),
-    ("slow consumer", "max_send_buffer"),
 )
 
 
@@ -877,9 +876,7 @@ class Security:
         queue = _existing_queue(router, connection, destination)
         if queue is not None and len(queue.messages) >= self.max_queue_depth:
             if self.queue_full_policy == "drop-oldest":
-                queue.messages.popleft()
-                router.counters.queued -= 1
-                router.counters.dropped += 1
+                router.drop_oldest(queue)  # also removes a persistent message's stored copy
                 self.counters.limits["max_queue_depth"] += 1
                 return
             self._limit(
@@ -936,9 +933,17 @@ class Security:
         self.counters.limits[name] += 1
         raise Refused(f"limit exceeded: {name} ({detail})", name)
 
+    def limits_hit(self, *, slow_consumers: int = 0) -> dict[str, int]:
+        """How often each limit was hit, by config key; ``slow_consumers`` (counted by the
+        routing core when it disconnects one) is reported as ``max_send_buffer``."""
+        hits = dict(self.counters.limits)
+        if slow_consumers:
+            hits["max_send_buffer"] = slow_consumers
+        return hits
+
     def observe_error(self, message: str) -> None:
         """Count an ERROR the session sends for a limit it did not check here (a parser
-        limit, the CONNECT timeout, a slow consumer). Never blocks."""
+        limit, the CONNECT timeout). Never blocks."""
         if message.startswith("limit exceeded: "):
             return  # counted when raised
         for fragment, name in _ERROR_LIMITS:

@@ -270,7 +270,7 @@ class Broker:
             messages_stored=self.store.statistics().stored,
             authentication_failures=self.security.counters.authentication_failures,
             access_refused=self.security.counters.access_refused,
-            limits_hit=dict(self.security.counters.limits),
+            limits_hit=self.security.limits_hit(slow_consumers=counters.slow_consumers),
         )
 
     def connect_in_memory(self) -> trio.abc.Stream:

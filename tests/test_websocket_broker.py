@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import functools
 import signal
+import ssl
 import subprocess
 import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 import trio
@@ -274,3 +276,38 @@ async def test_cli_prints_the_ws_listener() -> None:
         process.send_signal(signal.SIGTERM)
         with trio.fail_after(20):
             assert await process.wait() == 0
+
+
+async def test_wss_listener_and_client(tmp_path: Path) -> None:
+    """wss://: TLS (the broker's tls_cert) under the WebSocket, both sides."""
+    trustme = pytest.importorskip("trustme")
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    cert_file = tmp_path / "broker.pem"
+    cert.private_key_and_cert_chain_pem.write_to_path(str(cert_file))
+    client_context = ssl.create_default_context()
+    ca.configure_trust(client_context)
+    async with open_broker(
+        listen=["tcp://127.0.0.1:0", f"wss://127.0.0.1:0{PATH}"],
+        tls_cert=str(cert_file),
+        heart_beat=(0, 0),
+    ) as broker:
+        (url,) = [a for a in broker.addresses if a.startswith("wss://")]
+        assert url.startswith("wss://127.0.0.1:") and url.endswith(PATH)
+        async with (
+            trio_stomp.open_client(url, ssl_context=client_context) as client,
+            client.subscribe("/queue/secure") as messages,
+        ):
+            await client.send("/queue/secure", b"\x00over wss\xff", receipt=True)
+            with trio.fail_after(5):
+                assert (await messages.receive()).body == b"\x00over wss\xff"
+        # a plain ws:// client cannot talk to it
+        with pytest.raises(OSError):
+            await open_websocket_stream(url.replace("wss://", "ws://"))
+
+
+def test_wss_needs_a_certificate() -> None:
+    from trio_stomp.broker import Config
+
+    with pytest.raises(ValueError, match="wss://"):
+        Config(listen=["wss://127.0.0.1:0/stomp"])

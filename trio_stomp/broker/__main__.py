@@ -46,8 +46,8 @@ def _parser() -> argparse.ArgumentParser:
         "--listen",
         action="append",
         metavar="URL",
-        help=f"address to listen on, tcp://HOST:PORT or ws://HOST:PORT/PATH (STOMP over "
-        f"WebSocket) (port 0 = any free port); repeatable "
+        help=f"address to listen on: tcp://HOST:PORT, tls://HOST:PORT, ws://HOST:PORT/PATH "
+        f"or wss://HOST:PORT/PATH (STOMP over WebSocket) (port 0 = any free port); repeatable "
         f"(default: {DEFAULT_LISTEN})",
     )
     add("--config", metavar="FILE.toml", help="read settings from a TOML file (same names)")
@@ -203,8 +203,8 @@ def _parser() -> argparse.ArgumentParser:
         help="let clients without credentials in (default: only when no users are "
         "configured and every listener is on loopback)",
     )
-    add("--tls-cert", metavar="PEM", help="certificate chain for tls:// listeners")
-    add("--tls-key", metavar="PEM", help="private key for tls:// listeners")
+    add("--tls-cert", metavar="PEM", help="certificate chain for tls:// and wss:// listeners")
+    add("--tls-key", metavar="PEM", help="private key for tls:// and wss:// listeners")
     add(
         "--tls-ca",
         metavar="PEM",

@@ -36,7 +36,7 @@ __all__ = [
 ]
 
 DEFAULT_LISTEN: Final = "tcp://127.0.0.1:61613"
-LISTEN_SCHEMES: Final = ("tcp", "ws", "tls")  # seam: "wss" (TLS under ws)
+LISTEN_SCHEMES: Final = ("tcp", "ws", "tls", "wss")
 
 DestinationType = Literal["topic", "queue"]
 SlowConsumerPolicy = Literal["disconnect", "drop"]
@@ -63,7 +63,7 @@ def parse_listen_url(url: str) -> tuple[str, str, int]:
             f"listen address {url!r}: scheme {scheme!r} is not supported "
             f"(supported: {', '.join(LISTEN_SCHEMES)})"
         )
-    if scheme == "ws":  # ws://HOST:PORT/PATH: the path is the listener's, not the address's
+    if scheme in ("ws", "wss"):  # ws://HOST:PORT/PATH: the path is the listener's
         rest = rest.partition("/")[0]
     rest = rest.rstrip("/")
     if rest.startswith("["):
@@ -346,8 +346,11 @@ class Config:
             )
         if "\n" in self.server_name or "\r" in self.server_name:
             raise ValueError("server_name must not contain line breaks")
-        if any(url.startswith("tls://") for url in self.listen) and self.tls_cert is None:
-            raise ValueError("a tls:// listener needs tls_cert (and tls_key)")
+        if (
+            any(url.startswith(("tls://", "wss://")) for url in self.listen)
+            and self.tls_cert is None
+        ):
+            raise ValueError("a tls:// or wss:// listener needs tls_cert (and tls_key)")
         if (self.tls_key is not None or self.tls_ca is not None) and self.tls_cert is None:
             raise ValueError("tls_key and tls_ca need tls_cert")
 

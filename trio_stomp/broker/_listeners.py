@@ -52,7 +52,7 @@ async def open_listeners(url: str, *, ssl_context: ssl.SSLContext | None = None)
       ValueError: the URL is malformed or its scheme is not supported.
       OSError: the address cannot be bound (in use, not local, permission).
       ImportError: a ``ws://`` URL without the ``websocket`` extra (wsproto) installed.
-      ValueError: a ``tls://`` URL without ``ssl_context``.
+      ValueError: a ``tls://`` or ``wss://`` URL without ``ssl_context``.
     """
     scheme, host, port = parse_listen_url(url)
     if scheme == "tls":
@@ -62,14 +62,20 @@ async def open_listeners(url: str, *, ssl_context: ssl.SSLContext | None = None)
             trio.SSLListener(listener, ssl_context, https_compatible=False)
             for listener in await trio.open_tcp_listeners(port, host=host)
         ]
-    if scheme == "ws":
+    if scheme in ("ws", "wss"):
         from .._websocket import WebSocketListener
 
+        if scheme == "wss" and ssl_context is None:
+            raise ValueError(f"listen address {url!r} needs a certificate (tls_cert, tls_key)")
+        transports: list[Listener] = list(await trio.open_tcp_listeners(port, host=host))
+        if ssl_context is not None and scheme == "wss":
+            # https_compatible: browsers close TLS the way they close HTTPS (no close_notify)
+            transports = [
+                trio.SSLListener(transport, ssl_context, https_compatible=True)
+                for transport in transports
+            ]
         path = _websocket_path(url)
-        return [
-            WebSocketListener(listener, path=path)
-            for listener in await trio.open_tcp_listeners(port, host=host)
-        ]
+        return [WebSocketListener(transport, path=path) for transport in transports]
     if scheme != "tcp":  # pragma: no cover - parse_listen_url rejects the others today
         raise ValueError(f"unsupported listener scheme {scheme!r}")
     return list(await trio.open_tcp_listeners(port, host=host))
@@ -96,8 +102,11 @@ def listener_url(listener: Listener, scheme: str = "tcp") -> str:
         if not isinstance(listener, WebSocketListener):  # pragma: no cover
             raise TypeError(f"cannot name listener {listener!r}")
         inner = listener.transport_listener
+        scheme = "ws"
+        if isinstance(inner, trio.SSLListener):
+            inner, scheme = inner.transport_listener, "wss"
         assert isinstance(inner, trio.SocketListener)
-        return listener_url(inner, "ws") + listener.path
+        return listener_url(inner, scheme) + listener.path
     sock = listener.socket
     return _format(sock.family, sock.getsockname(), scheme)
 
@@ -146,7 +155,13 @@ def make_server_ssl_context(
 
 def peer_certificate(stream: trio.abc.Stream) -> dict[str, Any] | None:
     """The verified client certificate of a TLS ``stream`` as ``getpeercert()`` gives it,
-    or None: not TLS, no certificate, or no handshake yet."""
+    or None: not TLS, no certificate, or no handshake yet. Looks through a WebSocket
+    (``wss://``) to the TLS stream under it."""
+    while not isinstance(stream, (trio.SSLStream, trio.SocketStream)):
+        inner = getattr(stream, "transport_stream", None)
+        if not isinstance(inner, trio.abc.Stream):
+            break
+        stream = inner
     if isinstance(stream, trio.SSLStream):
         try:
             certificate = stream.getpeercert()

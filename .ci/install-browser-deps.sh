@@ -49,6 +49,13 @@ if [ "${#missing[@]}" -gt 0 ]; then
     apt_install "${missing[@]}"
 fi
 
+node_major=$(node -p 'process.versions.node.split(".")[0]')
+if [ "$node_major" -lt 20 ]; then
+    # Debian 12's own nodejs is 18; playwright-core (pinned in tests/browser) needs 20+.
+    log "node $(node --version) is too old: playwright-core needs node >= 20 (e.g. NodeSource's nodejs)" >&2
+    exit 1
+fi
+
 cd tests/browser
 if [ -d node_modules ] && npm ls --silent >/dev/null 2>&1; then
     log "npm packages already installed in tests/browser/node_modules"

@@ -16,6 +16,7 @@ under ``CI=true``.
 from __future__ import annotations
 
 import functools
+import importlib.util
 import json
 import os
 import shutil
@@ -32,6 +33,7 @@ import trio_stomp
 from trio_stomp.broker import Broker, open_broker
 
 BROWSER_DIR = Path(__file__).parent / "browser"
+WEB_CHAT_DIR = Path(__file__).parent.parent / "examples" / "web_chat"
 NODE_MODULES = BROWSER_DIR / "node_modules"
 STOMPJS_BUNDLE = NODE_MODULES / "@stomp" / "stompjs" / "bundles" / "stomp.umd.min.js"
 CHROMIUM = os.environ.get("CHROMIUM_PATH", "/usr/bin/chromium")
@@ -108,9 +110,12 @@ async def http_port() -> AsyncIterator[int]:
     files = {
         "/interop.html": ((BROWSER_DIR / "interop.html").read_bytes(), "text/html; charset=utf-8"),
         "/scenario.js": ((BROWSER_DIR / "scenario.js").read_bytes(), "text/javascript"),
+        "/web_chat/": ((WEB_CHAT_DIR / "index.html").read_bytes(), "text/html; charset=utf-8"),
     }
     if STOMPJS_BUNDLE.is_file():
         files["/stomp.umd.min.js"] = (STOMPJS_BUNDLE.read_bytes(), "text/javascript")
+        # the example loads its local copy first (the CDN only if that is missing)
+        files["/web_chat/stomp.umd.min.js"] = files["/stomp.umd.min.js"]
 
     async def handler(stream: trio.SocketStream) -> None:
         await _serve_file(stream, files)
@@ -153,7 +158,7 @@ async def _run_node(node: str, args: list[str]) -> dict[str, Any]:
     stderr = done.stderr.decode(errors="replace")
     assert done.returncode == 0, f"exit {done.returncode}\nstdout: {stdout}\nstderr: {stderr}"
     outcome: dict[str, Any] = json.loads(stdout.strip().splitlines()[-1])
-    assert outcome["error"] is None, outcome["error"]
+    assert outcome.get("error") is None, outcome["error"]
     return outcome
 
 
@@ -241,3 +246,39 @@ async def test_stompjs_in_node_over_ws(
         assert bytes(received[1]["bytes"]) == BINARY_FROM_PYTHON
         assert outcome["python_received"][1].body == bytes(BINARY_FROM_JS)
         assert broker.statistics().messages_redelivered == 0
+
+
+async def test_web_chat_example(broker: Broker, http_port: int) -> None:
+    """examples/web_chat: two tabs chat in a room, the Python bot (on WebSocket too)
+    answers, and a Python client on TCP sees the tabs' messages."""
+    node = _require_node()
+    _require_chromium()
+    spec = importlib.util.spec_from_file_location("web_chat_bot", WEB_CHAT_DIR / "bot.py")
+    assert spec is not None and spec.loader is not None
+    bot = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bot)
+    room = "test-room"
+    host_port = _address(broker, "tcp").removeprefix("tcp://")
+    async with (
+        trio.open_nursery() as nursery,
+        trio_stomp.open_client(f"stomp://{host_port}") as python,
+        python.subscribe(f"/topic/chat.{room}", receipt=True) as chat,
+    ):
+        await nursery.start(bot.run_bot, _address(broker, "ws"), room)
+        outcome = await _run_node(
+            node,
+            [
+                "drive_chat.mjs",
+                f"http://127.0.0.1:{http_port}/web_chat/",
+                _address(broker, "ws"),
+                room,
+            ],
+        )
+        seen = []
+        with trio.fail_after(10):
+            while {"from": "alice", "text": "hello from alice"} not in seen:
+                seen.append(json.loads((await chat.receive()).text))
+        nursery.cancel_scope.cancel()
+    assert "alice: hello from alice" in outcome["bob"]
+    assert "bot: SHOUT, BOT" in outcome["alice"]
+    assert "bot: welcome, bob! type !help" in outcome["bob"]

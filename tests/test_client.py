@@ -392,7 +392,9 @@ async def test_receipt_wait_raises_when_the_link_drops() -> None:
             await client.send("/queue/a", b"x", receipt=True)
 
 
-async def test_cancelled_receipt_wait_leaves_the_connection_usable() -> None:
+async def test_cancelled_receipt_wait_leaves_the_connection_usable(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
     async with connected(broker_answer_receipts=False) as (broker, client):
         with trio.move_on_after(0.01):
             await client.send("/queue/a", b"1", receipt=True)
@@ -467,7 +469,9 @@ async def test_async_iteration_over_a_subscription() -> None:
         assert got == ["0", "1", "2", "3", "4"]
 
 
-async def test_unsubscribe_is_sent_even_when_cancelled() -> None:
+async def test_unsubscribe_is_sent_even_when_cancelled(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
     async with connected() as (broker, client):
         with trio.move_on_after(0.01):
             async with client.subscribe("/queue/a") as sub:
@@ -647,7 +651,9 @@ async def test_transaction_commits_on_success() -> None:
         assert len(broker.frames("ACK")) == 1
 
 
-async def test_transaction_aborts_on_exception_and_cancellation() -> None:
+async def test_transaction_aborts_on_exception_and_cancellation(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
     async with connected() as (broker, client):
         with pytest.raises(KeyError):
             async with client.transaction() as tx1:
@@ -881,7 +887,10 @@ async def test_request_times_out(autojump_clock: trio.testing.MockClock) -> None
     ],
 )
 async def test_request_subscribes_the_temp_queue_unless_rabbitmq(
-    server: str, option: bool | None, subscribes: bool
+    server: str,
+    option: bool | None,
+    subscribes: bool,
+    autojump_clock: trio.testing.MockClock,
 ) -> None:
     async with connected(subscribe_temp_queue=option, broker_server=server) as (broker, client):
         for _ in range(2):  # once per connection at most

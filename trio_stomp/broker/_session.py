@@ -404,13 +404,19 @@ class Session:
                 await self._store_receipts_wake.wait()
                 continue
             await store.wait_committed(pending[-1][0])
-            while pending and store.is_committed(pending[0][0]):
-                try:
-                    await peer.send(pending.popleft()[1])
-                except ConnectionLost:
-                    pending.clear()
-                    self._store_receipts_idle.set()
-                    return
+            try:
+                # Everything committed goes out without an await per frame; only a full
+                # outbound buffer makes this task wait (in order).
+                while pending and store.is_committed(pending[0][0]):
+                    frame = pending.popleft()[1]
+                    try:
+                        peer.send_nowait(frame)
+                    except trio.WouldBlock:
+                        await peer.send(frame)
+            except ConnectionLost:
+                pending.clear()
+                self._store_receipts_idle.set()
+                return
 
     async def _disconnect(self, peer: Peer, frame: Frame) -> None:
         store = self.store

@@ -129,12 +129,12 @@ class Plan:
 
 FULL = Plan(
     queue=100_000,
-    topic=300_000,
+    topic=200_000,
     round_trips=5_000,
     idle_steps=(100, 1_000, 3_000, 10_000),
     idle_hold_s=12.0,
     subscriber_steps=(1, 10, 100, 1_000),
-    subscriber_deliveries=200_000,
+    subscriber_deliveries=100_000,
     body_sizes=(100, 1_024, 10_240, 102_400, 1_048_576),
     body_bytes=200 * 1024 * 1024,
     repeats=3,
@@ -339,8 +339,9 @@ def _detail_line(r: dict[str, Any]) -> str:
     return (
         f"| {r['broker']} | {r['scenario']} |{extra} {r['delivered']:,} delivered | "
         f"{r['wall_s']:.2f} | {r['broker_cpu_s']:.2f} ({100 * r['broker_cpu_s'] / wall:.0f}%) | "
+        f"{100 * r.get('broker_wait_s', 0.0) / wall:.0f}% | "
         f"{r['loadgen_cpu_s']:.2f} ({100 * r['loadgen_cpu_s'] / wall:.0f}%) | "
-        f"{r['broker_peak_rss_kib'] / 1024:.0f} | {check} |"
+        f"{r['broker_us_per_message']:.1f} | {r['broker_peak_rss_kib'] / 1024:.0f} | {check} |"
     )
 
 
@@ -358,7 +359,10 @@ def _markdown(data: dict[str, Any], flags: list[str]) -> str:
         "the cores; loopback TCP; 100-byte bodies; the load generator is "
         "`benchmarks/loadgen.py` (raw sockets, no trio_stomp code, producers and consumers "
         "in separate processes). Throughput rows are the median of "
-        f"{data['repeats']} run(s), each run interleaved between the two brokers.",
+        f"{data['repeats']} run(s), each run interleaved between the two brokers. "
+        f"trio_stomp ran as `{data.get('broker_command', '')}`; RabbitMQ as a private node "
+        "with its defaults (prefetch-count 1000 for client-individual, as trio_stomp's "
+        "default prefetch).",
         "",
         "| scenario | trio_stomp | RabbitMQ | trio_stomp / RabbitMQ | floor met | "
         "target met (go-stomp's row) | field: RabbitMQ / Go broker / target |",
@@ -435,11 +439,16 @@ def _markdown(data: dict[str, Any], flags: list[str]) -> str:
         "",
         "CPU seconds over the measured interval (percent of wall time; 100% = one core). "
         "The broker figure is the broker process (for RabbitMQ the Erlang VM, all threads); "
-        "the load generator figure is all its worker processes plus its main process.",
+        "the load generator figure is all its worker processes plus its main process. "
+        "'Waited for a core' is the time the broker was runnable but another process had the "
+        "core (/proc/PID/task/*/schedstat): CPU plus wait near 100% means the broker was the "
+        "limit, and a large wait means the machine was busy with other work. Broker CPU per "
+        "message hardly depends on that load, so it is the figure to compare across runs.",
         "",
-        "| broker | scenario | figures | wall (s) | broker CPU s | loadgen CPU s | "
-        "broker peak RSS (MiB) | exactly-once, in order |",
-        "|---|---|---|---|---|---|---|---|",
+        "| broker | scenario | figures | wall (s) | broker CPU s | broker waited for a core | "
+        "loadgen CPU s | broker CPU µs per message | broker peak RSS (MiB) | "
+        "exactly-once, in order |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in data["details"]:
         lines.append(_detail_line(r))
@@ -523,6 +532,8 @@ def run(args: argparse.Namespace) -> int:
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "command": "python benchmarks/run_all.py " + " ".join(sys.argv[1:]),
         "quick": args.quick,
+        "broker_command": "python -m trio_stomp.broker --listen tcp://127.0.0.1:0 "
+        + " ".join(("--log-level", "WARNING", *loadgen.BENCH_BROKER_ARGS)),
         "repeats": plan.repeats,
         "machine": _machine(),
         "rows": {},

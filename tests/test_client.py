@@ -1070,3 +1070,38 @@ async def test_cancelling_the_connect_leaves_nothing_behind() -> None:
             await entered.wait()
             nursery.cancel_scope.cancel()
     assert not scope.cancelled_caught
+
+
+async def test_a_frame_refused_by_a_broken_peer_is_retried_on_the_next_connection(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    policy = ReconnectPolicy(initial_delay=1, jitter=0)
+    async with connected(reconnect=policy) as (broker, client):
+        old = client._peer
+        assert old is not None
+        # The link breaks; the send below reaches the dead peer before the supervisor noticed.
+        old._die(ConnectionLost("reset"))
+        await client.send("/queue/a", b"retried", receipt=True)
+        assert client.statistics().connections == 2
+        [sent] = broker.frames("SEND", conn=2)
+        assert sent.body == b"retried"
+        assert [name for name, _ in sent.headers.raw].count("receipt") == 1
+
+
+async def test_messages_without_a_subscription_header_are_routed_by_destination() -> None:
+    async with connected(broker_versions=("1.0",)) as (broker, client):
+        cm_a, cm_b = client.subscribe("/queue/a"), client.subscribe("/queue/b")
+        async with cm_a as a, cm_b as b:
+            peer = broker.conns[0].peer
+            await peer.send(Frame("MESSAGE", {"destination": "/queue/b", "message-id": "1"}, b"b"))
+            await peer.send(Frame("MESSAGE", {"destination": "/queue/a", "message-id": "2"}, b"a"))
+            assert (await a.receive()).body == b"a"
+            assert (await b.receive()).body == b"b"
+            # Ambiguous or unknown: dropped and counted, never misrouted.
+            async with client.subscribe("/queue/a"):
+                await peer.send(Frame("MESSAGE", {"destination": "/queue/a", "message-id": "3"}))
+                await peer.send(Frame("MESSAGE", {"destination": "/queue/z", "message-id": "4"}))
+                await client.send("/queue/sync", b"", receipt=True)
+            assert client.statistics().messages_unroutable == 2
+            with pytest.raises(trio.WouldBlock):
+                a.receive_nowait()

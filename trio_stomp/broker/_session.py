@@ -95,6 +95,7 @@ class Session:
     _nursery: trio.Nursery | None = None
     _draining: bool = False
     _deferred: list[Frame] = attrs.Factory(list)
+    _life: trio.CancelScope | None = None
     # (store position, RECEIPT) waiting for the store's commit, in order; sent by
     # _send_receipts. Bounded: the session stops reading at _MAX_STORE_RECEIPTS.
     _store_receipts: deque[tuple[int, Frame]] = attrs.Factory(deque)
@@ -160,7 +161,7 @@ class Session:
         try:
             # The whole life of the connection. When it is time to close, a deadline is set
             # on it so flushing the last frames is bounded.
-            with trio.CancelScope() as life:
+            with trio.CancelScope() as self._life:
                 async with open_peer(
                     stream,
                     version="1.2",
@@ -179,7 +180,7 @@ class Session:
                     finally:
                         self._nursery = None
                         stats = peer.statistics()
-                        life.deadline = trio.current_time() + config.shutdown_grace
+                        self._closing_deadline()
         except Exception:
             logger.exception("session %s (%s) failed", self.session_id, self.remote)
         finally:
@@ -419,6 +420,7 @@ class Session:
                 return
 
     async def _disconnect(self, peer: Peer, frame: Frame) -> None:
+        self._leave()
         store = self.store
         if store is not None:
             # Everything applied so far is committed, and its receipts are out, first.
@@ -480,12 +482,26 @@ class Session:
         """Send ERROR (waiting at most the shutdown grace for room), then return: the
         caller closes the connection."""
         assert self.peer is not None
+        self._leave()
         frame = self._error_frame(message, offending)
-        with trio.move_on_after(self.config.shutdown_grace):
-            try:
-                await self.peer.send(frame)
-            except ConnectionLost:
-                pass
+        # Sending the ERROR and flushing it on close share one grace period, after which
+        # the connection is closed forcefully (a client that does not read gets no more).
+        self._closing_deadline()
+        try:
+            await self.peer.send(frame)
+        except ConnectionLost:
+            pass
+
+    def _leave(self) -> None:
+        """The connection is ending: no more deliveries to it, its transactions are aborted
+        and its unacknowledged messages go back now, not after the last flush."""
+        if self.connection is not None:
+            self.router.disconnect(self.connection)
+
+    def _closing_deadline(self) -> None:
+        life = self._life
+        if life is not None:
+            life.deadline = min(life.deadline, trio.current_time() + self.config.shutdown_grace)
 
 
 def _one_line(text: str) -> str:

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import trio
 import trio.testing
+from _rabbitmq import RabbitMQ
 from test_broker import RawClient
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, BytesMessage, Event, Request, TextMessage
@@ -311,3 +312,32 @@ def test_wss_needs_a_certificate() -> None:
 
     with pytest.raises(ValueError, match="wss://"):
         Config(listen=["wss://127.0.0.1:0/stomp"])
+
+
+@pytest.mark.rabbitmq
+async def test_client_over_rabbitmq_web_stomp(rabbitmq: RabbitMQ) -> None:
+    """Our ws:// client against an independent WebSocket server: RabbitMQ's Web-STOMP.
+
+    RabbitMQ sends every frame as a *text* message by default (``web_stomp.ws_frame =
+    text``), so a body that is not UTF-8 would break the connection (RFC 6455 requires UTF-8
+    text; wsproto, like browsers, closes with 1007). Bodies with NULs are fine either way.
+    """
+    url = f"ws://{rabbitmq.host}:{rabbitmq.web_stomp_port}/ws"
+    queue = "/queue/trio-stomp-ws-interop"
+    body = "\x00web-stomp ✓\x00".encode()
+    async with (
+        trio_stomp.open_client(
+            url, login=rabbitmq.login, passcode=rabbitmq.passcode, vhost="/"
+        ) as client,
+        client.subscribe(queue, ack="client-individual") as messages,
+    ):
+        assert isinstance(client.version, str) and client.version == "1.2"
+        await client.send(queue, body, content_type="application/octet-stream", receipt=True)
+        await client.send(queue, "text ✓", receipt=True)
+        with trio.fail_after(10):
+            first = await messages.receive()
+            second = await messages.receive()
+        assert first.body == body
+        assert second.text == "text ✓"
+        await first.ack()
+        await second.ack()

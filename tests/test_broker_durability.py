@@ -5,6 +5,8 @@ subscriptions across disconnects and restarts."""
 from __future__ import annotations
 
 import itertools
+import sqlite3
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -17,6 +19,10 @@ from test_broker import RawClient
 from trio_stomp import Frame
 from trio_stomp.broker import Broker, Config, open_broker
 from trio_stomp.broker._config import DestinationSettings
+from trio_stomp.broker._store import SqliteStore
+
+if sys.version_info < (3, 11):  # pragma: no cover
+    from exceptiongroup import BaseExceptionGroup
 
 
 async def client(broker: Broker, **headers: str) -> RawClient:
@@ -136,6 +142,33 @@ async def test_receipt_waits_for_the_commit(tmp_path: Path) -> None:
         # By the time the RECEIPT is here, the store has committed the message.
         assert store.is_committed(store.barrier())
         assert store.statistics().batches >= 1
+
+
+async def test_a_failing_store_never_sends_the_receipt(tmp_path: Path) -> None:
+    received: list[str] = []
+
+    async def read(raw: RawClient) -> None:
+        try:
+            while True:
+                received.append((await raw.receive()).command)
+        except EOFError:
+            pass
+
+    with pytest.raises((sqlite3.ProgrammingError, BaseExceptionGroup)) as info:
+        async with open_broker(sqlite(tmp_path / "broker.db")) as broker:
+            raw = await client(broker)
+            assert isinstance(broker.store, SqliteStore) and broker.store._db is not None
+            broker.store._db.close()  # the disk "fails"
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(read, raw)
+                await send(raw, "/queue/q", b"x", persistent="true", receipt="r")
+                with trio.fail_after(5):
+                    await trio.sleep_forever()  # until the failing store stops the broker
+    error: BaseException = info.value
+    while isinstance(error, BaseExceptionGroup) and len(error.exceptions) == 1:
+        error = error.exceptions[0]
+    assert isinstance(error, sqlite3.ProgrammingError), info.value
+    assert "RECEIPT" not in received
 
 
 async def test_destination_configured_persistent(tmp_path: Path) -> None:

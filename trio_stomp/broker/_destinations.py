@@ -239,7 +239,7 @@ class Message:
 def _plain_tail(headers: tuple[tuple[str, str], ...], body: bytes) -> bytes | None:
     """The frame tail ``serialize`` would write, when no header needs escaping in any
     version (the common case: one join instead of a regex search per header); else None."""
-    text = "\n".join([f"{name}:{value}" for name, value in headers])
+    text = "\n".join(map(":".join, headers))
     if (
         "\\" in text
         or "\r" in text

@@ -252,12 +252,13 @@ class Router:
                 return
 
     def _resolve(
-        self, connection: Connection, name: str, *, subscribe: bool
+        self, connection: Connection, name: str, *, subscribe: bool, checked: bool = False
     ) -> Queue | Topic | None:
         """The destination ``name`` means for ``connection``; None only for a reply queue
         whose owner is gone (its messages are dropped, not an error: the sender cannot
-        know)."""
-        self._check_name(name)
+        know). ``checked``: the caller already ran ``_check_name``."""
+        if not checked:
+            self._check_name(name)
         if name.startswith(QUEUE_PREFIX):
             return self._queue(name)
         if name.startswith(TOPIC_PREFIX):
@@ -297,7 +298,7 @@ class Router:
         self._publish(connection, frame, destination)
 
     def _publish(self, connection: Connection, frame: Frame, name: str) -> None:
-        target = self._resolve(connection, name, subscribe=False)
+        target = self._resolve(connection, name, subscribe=False, checked=True)  # by send()
         counters = self.counters
         durables = self._durables_by_topic.get(name) if self._durables_by_topic else None
         if target is None and not durables:

@@ -675,3 +675,29 @@ async def test_broker_names_are_reachable_from_trio_stomp_lazily() -> None:
     code = "import sys, trio_stomp; assert 'trio_stomp.broker' not in sys.modules"
     result = await trio.run_process([sys.executable, "-c", code], check=False)
     assert result.returncode == 0
+
+
+async def test_a_bug_in_one_session_closes_only_that_connection(
+    broker: Broker, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    original = broker.router.send
+
+    def buggy(connection: Any, frame: Frame) -> None:
+        if frame.headers.get("destination") == "/queue/bug":
+            raise KeyError("a bug in the broker")
+        original(connection, frame)
+
+    monkeypatch.setattr(broker.router, "send", buggy)
+    bystander = await client(broker)
+    await bystander.send("SUBSCRIBE", {"destination": "/queue/fine", "id": "1", "receipt": "r"})
+    await bystander.expect("RECEIPT")
+    victim = await client(broker)
+    await victim.send("SEND", {"destination": "/queue/bug"}, b"x")
+    with trio.fail_after(5), pytest.raises(EOFError):
+        await victim.receive()
+    await trio.testing.wait_all_tasks_blocked()
+    assert "failed" in caplog.text and "a bug in the broker" in caplog.text
+    await bystander.send("SEND", {"destination": "/queue/fine"}, b"still serving")
+    assert (await bystander.expect("MESSAGE")).body == b"still serving"
+    await trio.testing.wait_all_tasks_blocked()
+    assert broker.statistics().connections == 1

@@ -14,6 +14,9 @@ queue, printed as messages per second:
 - consume client-individual: the same, with one ACK per message (``prefetch-count`` 1000);
 - publish+consume: one client publishes while another consumes (auto), end to end.
 
+``--stomppy`` adds the publish and consume-auto scenarios run with stomp.py (threaded,
+blocking sockets) against the same broker, for comparison.
+
 Besides messages per second, each row shows how busy our (single-threaded) client process
 was (its CPU seconds over the wall-clock seconds) and the messages per CPU-second of the
 client, which depends much less on what else the machine is doing. Low CPU with a low load
@@ -150,6 +153,49 @@ async def run(args: argparse.Namespace, port: int) -> None:
         )
 
 
+def bench_stomppy(args: argparse.Namespace, port: int) -> dict[str, tuple[float, float]]:
+    """stomp.py doing publish and consume auto: {scenario: (wall s, CPU s of all threads)}."""
+    import threading
+
+    import stomp
+
+    queue = f"/queue/bench-stomppy-{uuid.uuid4().hex[:8]}"
+    body = b"x" * args.body
+    receipt = threading.Event()
+    received = threading.Event()
+
+    class Listener(stomp.ConnectionListener):  # type: ignore[misc]
+        count = 0
+
+        def on_receipt(self, frame: Any) -> None:
+            receipt.set()
+
+        def on_message(self, frame: Any) -> None:
+            Listener.count += 1
+            if Listener.count == args.count:
+                received.set()
+
+    conn = stomp.Connection12([("127.0.0.1", port)], vhost=args.vhost, heartbeats=(0, 0))
+    conn.set_listener("bench", Listener())
+    conn.connect(args.login, args.passcode, wait=True)
+    try:
+        start, cpu = time.perf_counter(), time.process_time()
+        for _ in range(args.count - 1):
+            conn.send(queue, body)
+        conn.send(queue, body, receipt="done")
+        if not receipt.wait(600):
+            raise RuntimeError("stomp.py: no receipt")
+        results = {"stomp.py publish": (time.perf_counter() - start, time.process_time() - cpu)}
+        start, cpu = time.perf_counter(), time.process_time()
+        conn.subscribe(queue, id="1", ack="auto")
+        if not received.wait(600):
+            raise RuntimeError("stomp.py: messages missing")
+        results["stomp.py consume auto"] = (time.perf_counter() - start, time.process_time() - cpu)
+    finally:
+        conn.disconnect()
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--port", type=int, default=0, help="use a running broker's STOMP port")
@@ -159,12 +205,21 @@ def main() -> None:
     parser.add_argument("--login", default="guest")
     parser.add_argument("--passcode", default="guest")
     parser.add_argument("--vhost", default="/")
+    parser.add_argument("--stomppy", action="store_true", help="also time stomp.py")
     args = parser.parse_args()
     if not 0 < args.count <= 10_000_000:
         parser.error("--count must be between 1 and 10,000,000")
     with broker_port(args) as port:
         before = os.getloadavg()[0]
         trio.run(run, args, port)
+        if args.stomppy:
+            rows = [bench_stomppy(args, port) for _ in range(args.repeat)]
+            for label in rows[0]:
+                best, cpu = min(row[label] for row in rows)
+                print(
+                    f"{label:40} {args.count / best:8.0f} {best:8.3f} {100 * cpu / best:9.0f}% "
+                    f"{args.count / cpu:10.0f}"
+                )
         print(f"load average (1 min): {before:.1f} before, {os.getloadavg()[0]:.1f} after")
 
 

@@ -20,7 +20,7 @@ import os
 import pytest
 import trio
 import trio.testing
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from trio_stomp import Frame, FrameParser, Heartbeat, RemoteProtocolError, serialize
@@ -227,6 +227,17 @@ async def hostile_session(data: bytes, connect_first: bool) -> None:
 
 @settings(FUZZ, max_examples=max(1, EXAMPLES * 2 // 3))
 @given(data=streams, connect_first=st.booleans())
+# Found by this test: a header line without a colon (headers decode lazily) crashed the
+# session while it built the ERROR frame for that very frame.
+@example(data=b"SEND\ndestination:/queue/a\nreceipt;/queue/a\n\n\x00", connect_first=False).via(
+    "discovered failure"
+)
+@example(data=b"SEND\ndestination:/queue/a\nreceipt;x\n\n\x00", connect_first=True).via(
+    "discovered failure"
+)
+@example(data=b"CONNECT\naccept-version:1.2\nlogin\n\n\x00", connect_first=False).via(
+    "discovered failure"
+)
 def test_broker_session_survives_anything(
     data: bytes, connect_first: bool, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -196,6 +196,7 @@ class Session:
             with trio.move_on_after(config.connect_timeout) as timeout:
                 try:
                     frame = await peer.receive()
+                    frame.headers.raw  # noqa: B018 - decode now: a bad header line raises here
                 except RemoteProtocolError as exc:
                     await self._error(str(exc))
                     return
@@ -447,12 +448,15 @@ class Session:
         headers: list[tuple[str, str]] = [("message", _one_line(message))]
         body = message
         if offending is not None:
-            receipt = offending.headers.get("receipt")
+            try:
+                raw = offending.headers.raw
+            except RemoteProtocolError:  # the headers themselves were the offence (fuzzing)
+                raw = ()
+            receipt = next((value for name, value in raw if name == "receipt"), None)
             if receipt is not None and offending.command not in ("CONNECT", "STOMP"):
                 headers.append(("receipt-id", receipt))
             shown = "\n".join(
-                f"{name}:{'***' if name == 'passcode' else value}"
-                for name, value in offending.headers.raw
+                f"{name}:{'***' if name == 'passcode' else value}" for name, value in raw
             )
             body = (
                 f"{message}\n\nThe offending frame:\n-----\n{offending.command}\n{shown}\n-----\n"

@@ -49,6 +49,13 @@ ATTACK_KINDS = ("garbage", "slowloris", "oversize", "never_reading", "connect_fl
 # -- shared --------------------------------------------------------------------------------
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a process has used so far."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def rss_kib(pid: int) -> tuple[int, int]:
     """(VmRSS, VmHWM) of a process, in KiB."""
     values = {}
@@ -361,9 +368,11 @@ async def idle_client(port: int, alive: list[Conn]) -> None:
     alive.append(conn)
 
 
-def summary(meter: Meter, seconds: float) -> dict[str, float]:
+def summary(meter: Meter, seconds: float, cpu: tuple[float, float]) -> dict[str, float]:
     lat = sorted(meter.latencies) or [0.0]
     return {
+        "broker_cpu_share": round(cpu[0] / seconds, 2),
+        "good_clients_cpu_share": round(cpu[1] / seconds, 2),
         "msgs_per_s": round(meter.received / seconds),
         "latency_p50_ms": round(lat[len(lat) // 2], 2),
         "latency_p99_ms": round(lat[int(len(lat) * 0.99)], 2),
@@ -403,6 +412,14 @@ async def run_main(args: argparse.Namespace) -> int:
             rss_samples.append((trio.current_time() - start, rss_kib(broker.pid)[0]))
             await trio.sleep(0.5)
 
+    def cpus(since: tuple[float, float] = (0.0, 0.0)) -> tuple[float, float]:
+        """(broker, this process) CPU seconds, minus ``since``."""
+        mine = os.times()
+        return (
+            cpu_seconds(broker.pid) - since[0],
+            mine.user + mine.system - since[1],
+        )
+
     alive: list[Conn] = []
     totals = dict.fromkeys(("accepted", "delivered", "errors", "fan_sent", "fan_received"), 0)
     meter = Meter()
@@ -424,9 +441,9 @@ async def run_main(args: argparse.Namespace) -> int:
             traffic.start_soon(fan, port, stop, totals)
             await trio.sleep(2)  # warm up
             meter.reset()
-            t0 = time.perf_counter()
+            t0, cpu0 = time.perf_counter(), cpus()
             await trio.sleep(args.duration)
-            results["baseline"] = summary(meter, time.perf_counter() - t0)
+            results["baseline"] = summary(meter, time.perf_counter() - t0, cpus(cpu0))
             print("without attack:", results["baseline"], flush=True)
             if not args.no_attack:
                 attacker = await trio.lowlevel.open_process(
@@ -449,9 +466,9 @@ async def run_main(args: argparse.Namespace) -> int:
                 assert await attack_out.readline() == "ready"
                 await trio.sleep(5)  # let every kind of attack get going
                 meter.reset()
-                t0 = time.perf_counter()
+                t0, cpu0 = time.perf_counter(), cpus()
                 await trio.sleep(args.duration)
-                results["under_attack"] = summary(meter, time.perf_counter() - t0)
+                results["under_attack"] = summary(meter, time.perf_counter() - t0, cpus(cpu0))
                 print("under attack:  ", results["under_attack"], flush=True)
                 with trio.move_on_after(args.duration + 30):
                     attack_counts = json.loads(await attack_out.readline())

@@ -483,3 +483,33 @@ async def test_bad_users_file_fails_open_broker(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"users\.x\.password"):
         async with open_broker(listen=[], users=str(path)):
             pass  # pragma: no cover
+
+
+# -- the library's own client, end to end ---------------------------------------------------
+
+
+async def test_client_over_stomp_ssl_with_credentials(broker: Broker, ca: trustme.CA) -> None:
+    from trio_stomp import BrokerError, StompError, open_client
+
+    address = next(a for a in broker.addresses if a.startswith("tls://"))
+    url = "stomp+ssl://" + address.removeprefix("tls://")
+    context = client_context(ca)
+    async with (
+        open_client(url, login="bob", passcode="bob:secret\\x", ssl_context=context) as bob,
+        bob.subscribe("/topic/chat", receipt=True) as chat,
+        open_client(url, login="alice", passcode="alice-secret", ssl_context=context) as alice,
+    ):
+        await alice.send("/topic/chat", b"hello over TLS", headers={"user-id": "bob"})
+        with trio.fail_after(10):
+            message = await chat.__anext__()
+        assert message.body == b"hello over TLS"
+        assert message.frame.headers["user-id"] == "alice"
+    # Wrong password: the client sees the broker's refusal.
+    with pytest.raises((BrokerError, StompError)) as info:
+        async with open_client(url, login="alice", passcode="nope", ssl_context=context):
+            pass  # pragma: no cover
+    assert "authentication failed" in str(info.value)
+    # The client verifies the broker's certificate by default.
+    with pytest.raises((StompError, OSError, trio.BrokenResourceError)):
+        async with open_client(url, login="alice", passcode="alice-secret"):
+            pass  # pragma: no cover

@@ -476,6 +476,17 @@ async def test_unsubscribe_with_the_name_removes_the_durable() -> None:
         await nothing_more(sub)
 
 
+async def test_unsubscribe_with_only_the_name() -> None:
+    async with open_broker(listen=[], shutdown_grace=0.5) as broker:
+        sub = await durable(broker)
+        await sub.send("UNSUBSCRIBE", {"durable-subscription-name": "feed", "receipt": "u"})
+        await sub.expect("RECEIPT")
+        assert not broker.router.durables
+        assert broker.statistics().subscriptions == 0
+        await sub.send("UNSUBSCRIBE", {"durable-subscription-name": "feed"})
+        assert "no durable subscription" in (await sub.expect_error_and_close()).headers["message"]
+
+
 async def test_plain_unsubscribe_keeps_the_durable() -> None:
     async with open_broker(listen=[], shutdown_grace=0.5) as broker:
         sub = await durable(broker)

@@ -786,17 +786,23 @@ class Router:
         subscription = None
         if subscription_id is not None:
             subscription = connection.subscriptions.get(subscription_id)
-            if subscription is not None:
-                self._remove_subscription(subscription)
         durable = self.durables.get((connection.client_id or "", name))
         if durable is None:
             if subscription is None:
                 raise RemoteProtocolError(
                     f"no durable subscription {name!r} for client-id {connection.client_id!r}"
                 )
+            self._remove_subscription(subscription)
             return
-        if durable.queue.subscriptions:
-            raise RemoteProtocolError(f"durable subscription {name!r} is active elsewhere")
+        holders = durable.queue.subscriptions
+        if any(held.connection is not connection for held in holders):
+            raise RemoteProtocolError(
+                f"durable subscription {name!r} is active on another connection"
+            )
+        if subscription is not None:
+            self._remove_subscription(subscription)
+        for held in list(holders):  # this connection's, whatever id the frame named
+            self._remove_subscription(held)
         self._drop_durable(durable)
 
     # -- recovery ------------------------------------------------------------------------

@@ -341,3 +341,15 @@ async def test_client_over_rabbitmq_web_stomp(rabbitmq: RabbitMQ) -> None:
         assert second.text == "text ✓"
         await first.ack()
         await second.ack()
+
+
+async def test_refused_connection_gets_its_error_over_websocket() -> None:
+    async with open_broker(listen=[f"ws://127.0.0.1:0{PATH}"], max_connections=1) as broker:
+        first = RawClient(await open_websocket_stream(broker.addresses[0]))
+        await first.connect()
+        second = RawClient(await open_websocket_stream(broker.addresses[0]))
+        with trio.fail_after(5):
+            error = await second.expect_error_and_close()
+        assert "connections" in error.headers["message"]
+        await second.aclose()
+        await first.aclose()

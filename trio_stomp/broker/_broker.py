@@ -407,6 +407,10 @@ async def _refuse(stream: trio.abc.Stream, message: str) -> None:
     frame = Frame("ERROR", (("message", message), ("content-type", "text/plain")), message.encode())
     with trio.move_on_after(1.0):
         try:
+            # A WebSocket must answer the client's upgrade before it can carry the ERROR.
+            handshake = getattr(stream, "handshake", None)
+            if handshake is not None:
+                await handshake()
             await stream.send_all(serialize(frame, "1.0"))
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass

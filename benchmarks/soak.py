@@ -372,6 +372,7 @@ def summary(meter: Meter, seconds: float, cpu: tuple[float, float]) -> dict[str,
     lat = sorted(meter.latencies) or [0.0]
     return {
         "broker_cpu_share": round(cpu[0] / seconds, 2),
+        "msgs_per_broker_cpu_s": round(meter.received / cpu[0]) if cpu[0] else 0,
         "good_clients_cpu_share": round(cpu[1] / seconds, 2),
         "msgs_per_s": round(meter.received / seconds),
         "latency_p50_ms": round(lat[len(lat) // 2], 2),
@@ -405,11 +406,13 @@ async def run_main(args: argparse.Namespace) -> int:
     port = int(line.rsplit(":", 1)[1])
     print(f"broker pid {broker.pid} on port {port}", flush=True)
     rss_samples: list[tuple[float, int]] = []
+    fds: list[int] = []  # the broker's open file descriptors (sockets, mostly)
     start = trio.current_time()
 
     async def sample_rss() -> None:
         while True:
             rss_samples.append((trio.current_time() - start, rss_kib(broker.pid)[0]))
+            fds.append(len(os.listdir(f"/proc/{broker.pid}/fd")))
             await trio.sleep(0.5)
 
     def cpus(since: tuple[float, float] = (0.0, 0.0)) -> tuple[float, float]:
@@ -502,11 +505,13 @@ async def run_main(args: argparse.Namespace) -> int:
             "good_connections": args.idle + 2 * args.pairs + 2,
             "hostile_connections": 0 if args.no_attack else args.bad,
             "attack_connections_made": attack_counts,
+            "attack_connections_per_s": round(sum(attack_counts.values()) / (args.duration + 8), 1),
             "idle_clients_alive_at_end": f"{answered}/{len(alive)}",
             "queue_messages_accepted": totals["accepted"],
             "queue_messages_delivered": totals["delivered"],
             "order_or_loss_errors": totals["errors"],
             "topic_sent_received": f"{totals['fan_received']}/{totals['fan_sent']}",
+            "broker_peak_open_fds": max(fds),
             "broker_peak_rss_mib": round(hwm / 1024, 1),
             "broker_rss_mib_over_time": " ".join(
                 f"{t:.0f}s:{kib / 1024:.0f}"

@@ -136,7 +136,9 @@ async def run_broker(args: argparse.Namespace) -> None:
 async def attack(
     kind: str, number: int, port: int, deadline: float, counts: dict[str, int]
 ) -> None:
-    source = f"127.0.0.{2 + number % 40}"
+    # Wrong-password floods come from 127.0.0.2-21, the other attacks from 127.0.0.22-41,
+    # so the back-off the floods earn does not shield the broker from the other attacks.
+    source = f"127.0.0.{(2 if kind == 'connect_flood' else 22) + number % 20}"
     rng = random.Random(number)
     while trio.current_time() < deadline:
         try:

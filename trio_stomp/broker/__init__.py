@@ -9,16 +9,21 @@ with ``python -m trio_stomp.broker`` or embed it::
 It never imports the client (``trio_stomp._client``); both stand on the Peer.
 """
 
+from ._auth import Authenticator, Credentials, Principal, hash_password
 from ._broker import Broker, BrokerStatistics, open_broker, serve_broker
 from ._config import Config, load_config
 
 BrokerConfig = Config
 
 __all__ = [
+    "Authenticator",
     "Broker",
     "BrokerConfig",
     "BrokerStatistics",
     "Config",
+    "Credentials",
+    "Principal",
+    "hash_password",
     "load_config",
     "open_broker",
     "serve_broker",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import ssl
+import sys
 import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -513,3 +514,42 @@ async def test_client_over_stomp_ssl_with_credentials(broker: Broker, ca: trustm
     with pytest.raises((StompError, OSError, trio.BrokenResourceError)):
         async with open_client(url, login="alice", passcode="alice-secret"):
             pass  # pragma: no cover
+
+
+# -- the command line ----------------------------------------------------------------------
+
+
+BROKER_CLI = (sys.executable, "-m", "trio_stomp.broker")
+
+
+async def test_passwd_subcommand_writes_a_users_entry(tmp_path: Path) -> None:
+
+    import tomllib
+
+    from trio_stomp.broker._auth import load_users_file, verify_password
+
+    result = await trio.run_process(
+        [*BROKER_CLI, "passwd", "dave", "--groups", "a, b", "--password-stdin"],
+        stdin=b"pa:ss\\word\n",
+        capture_stdout=True,
+    )
+    text = result.stdout.decode()
+    entry = tomllib.loads(text)["users"]["dave"]
+    assert entry["groups"] == ["a", "b"]
+    assert "pa:ss" not in text
+    assert verify_password("pa:ss\\word", entry["password"])
+    path = tmp_path / "users.toml"
+    path.write_text(text)
+    assert load_users_file(str(path)).users["dave"].groups == {"a", "b"}
+
+
+async def test_cli_refuses_a_bad_users_file(tmp_path: Path) -> None:
+    path = tmp_path / "users.toml"
+    path.write_text('[users.x]\npassword = "plaintext"\n')
+    result = await trio.run_process(
+        [*BROKER_CLI, "--listen", "tcp://127.0.0.1:0", "--users", str(path)],
+        capture_stderr=True,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert b"users.x.password" in result.stderr

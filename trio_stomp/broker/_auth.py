@@ -1,8 +1,10 @@
 """Who may connect, and what they may do: authentication, access control and limits.
 
-This module owns the broker's security policy, as values and small objects the session
-consults at two points:
+This module owns the broker's security policy, as values and small objects the broker
+consults at three points:
 
+- **accept** (:meth:`Security.admit` / :meth:`Security.release`): the connection limits,
+  total and per source address.
 - **CONNECT** (:meth:`Security.authenticate`): an :class:`Authenticator` turns the
   CONNECT frame's ``login``/``passcode``, the peer's address and its TLS client
   certificate into a :class:`Principal`, or refuses. Built in: :class:`UsersAuthenticator`
@@ -19,13 +21,13 @@ consults at two points:
 
 Hashing is slow on purpose (scrypt, ~70 ms here): it runs in Trio's worker threads through
 ``trio.to_thread.run_sync`` under a :class:`trio.CapacityLimiter` of one, so a flood of
-wrong passwords costs at most one core and never stalls the event loop. This is the only
-place the broker uses a thread, and it is Trio's own, bounded.
+wrong passwords costs at most one core and never stalls the event loop. Those threads are
+Trio's own, and bounded.
 
 It never reads sockets or writes frames (the session does), never holds plaintext
 passwords beyond the call that checks one, never compares secrets with ``==`` (only
 :func:`hmac.compare_digest`), and never tells an unknown user from a wrong password: both
-cost one hash and end in the same :class:`Refused`.
+cost one hash and end in the same ``authentication failed``.
 """
 
 from __future__ import annotations

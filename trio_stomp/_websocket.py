@@ -388,10 +388,15 @@ class WebSocketStream(trio.abc.Stream):
                 raise trio.ClosedResourceError("the WebSocket stream is closed")
             while True:
                 await self._process_events()
-                if self._inbound:
-                    size = len(self._inbound) if max_bytes is None else max_bytes
-                    chunk = bytes(self._inbound[:size])
-                    del self._inbound[:size]
+                inbound = self._inbound
+                if inbound:
+                    if max_bytes is None or len(inbound) <= max_bytes:
+                        chunk = bytes(inbound)  # one copy, the common case
+                        inbound.clear()
+                    else:
+                        with memoryview(inbound) as view:
+                            chunk = bytes(view[:max_bytes])
+                        del inbound[:max_bytes]
                     return chunk
                 if self._eof:
                     await trio.lowlevel.checkpoint()

@@ -57,6 +57,7 @@ __all__ = [
     "run_idle",
     "run_request_reply",
     "run_throughput",
+    "self_test",
     "start_trio_stomp_broker",
 ]
 
@@ -216,6 +217,29 @@ class Splitter:
         else:
             self._have = self._need = 0
         return out
+
+
+def self_test() -> None:
+    """Check the splitter on every split of a stream of awkward frames (heart-beats between
+    frames, a body holding NUL and LF, a frame without content-length, a body larger than a
+    chunk); raises AssertionError on a mismatch. Runs in well under a second."""
+    frames = [
+        (b"MESSAGE\nsubscription:1\ncontent-length:5", b"a\0b\nc"),
+        (b"RECEIPT\nreceipt-id:7", b""),
+        (b"MESSAGE\ncontent-length:0", b""),
+        (b"ERROR\nmessage:x", b"no length"),
+        (b"MESSAGE\nack:9\ncontent-length:3000", bytes(range(256)) * 11 + b"z" * 184),
+    ]
+    stream = b"\n".join(head + b"\n\n" + body + b"\0" for head, body in frames) + b"\r\n"
+    # Two pieces cut at every offset; byte by byte and in 7-byte pieces from every 97th.
+    cases = [(cut, len(stream)) for cut in range(len(stream) + 1)]
+    cases += [(cut, step) for cut in range(0, len(stream), 97) for step in (1, 7)]
+    for cut, step in cases:
+        splitter = Splitter()
+        got = splitter.feed(stream[:cut]) if cut else []
+        for i in range(cut, len(stream), step):
+            got += splitter.feed(stream[i : i + step])
+        assert got == frames, (cut, step, got[:2])
 
 
 def _header(head: bytes, name: bytes) -> bytes | None:
@@ -1333,6 +1357,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--start-broker", action="store_true")
     parser.add_argument("--json", action="store_true", help="print results as JSON lines")
     args = parser.parse_args(argv)
+    self_test()
     raise_nofile_limit()
     with contextlib.ExitStack() as stack:
         if args.start_broker:

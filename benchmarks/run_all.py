@@ -526,6 +526,7 @@ def run(args: argparse.Namespace) -> int:
         )
     )
     out.mkdir(parents=True, exist_ok=True)
+    loadgen.self_test()  # the splitter every check relies on
     old, new = loadgen.raise_nofile_limit()
     print(f"open-files limit of the load generator: {old} → {new}")
     data: dict[str, Any] = {

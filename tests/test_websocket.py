@@ -10,6 +10,8 @@ from __future__ import annotations
 import pytest
 import trio
 import trio.testing
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from wsproto import ConnectionType, WSConnection
 from wsproto.connection import ConnectionState
 from wsproto.events import (
@@ -25,7 +27,7 @@ from wsproto.events import (
     TextMessage,
 )
 
-from trio_stomp import Frame, open_peer, serialize
+from trio_stomp import Frame, FrameParser, open_peer, serialize
 from trio_stomp._websocket import (
     MESSAGE_GROUP_SIZE,
     WebSocketListener,
@@ -76,8 +78,6 @@ def test_split_groups_frames_and_keeps_them_whole() -> None:
     for payload, is_text in messages:
         assert is_text
         # every message is whole frames: it parses to complete frames with nothing left
-        from trio_stomp import FrameParser
-
         parser = FrameParser()
         assert parser.feed(payload)
         parser.feed(b"")  # EOF: raises if a frame was cut
@@ -474,3 +474,39 @@ async def test_listener_accepts_without_handshaking() -> None:
     for stream in (first, second, client, silent):
         await stream.aclose()
     await listener.aclose()
+
+
+# ------------------------------------------------------------------ split_messages, any input
+
+_bodies = st.binary(max_size=300) | st.text(max_size=100).map(str.encode)
+
+
+@given(
+    bodies=st.lists(_bodies, min_size=1, max_size=12),
+    eols=st.lists(st.sampled_from([b"", b"\n", b"\r\n", b"\n\n"]), min_size=12, max_size=12),
+    group_size=st.integers(1, 2000),
+)
+@settings(max_examples=300, deadline=None)
+def test_split_messages_keeps_frames_whole_and_labels_text_exactly(
+    bodies: list[bytes], eols: list[bytes], group_size: int
+) -> None:
+    frames = [
+        serialize(Frame("MESSAGE", {"destination": "/q", "n": str(i)}, b))
+        for i, b in enumerate(bodies)
+    ]
+    data = b"".join(frame + eol for frame, eol in zip(frames, eols[: len(frames)], strict=True))
+    messages = split_messages(data, group_size)
+    assert b"".join(payload for payload, _ in messages) == data
+    seen: list[bytes] = []
+    for payload, is_text in messages:
+        parser = FrameParser()
+        parsed = [event for event in parser.feed(payload) if isinstance(event, Frame)]
+        parser.feed(b"")  # nothing left half-way: every message holds whole frames
+        seen.extend(bytes(frame.body) for frame in parsed)
+        expected_text = all(b"\x00" not in frame.body for frame in parsed)
+        try:
+            payload.decode("utf-8")
+        except UnicodeDecodeError:
+            expected_text = False
+        assert is_text == expected_text
+    assert seen == bodies

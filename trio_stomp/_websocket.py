@@ -100,11 +100,11 @@ _EOLS: Final = re.compile(rb"[\r\n]*")
 _Bytes = Union[bytes, bytearray, memoryview]
 
 
-def split_messages(data: bytes) -> list[tuple[bytes, bool]]:
+def split_messages(data: bytes, group_size: int = MESSAGE_GROUP_SIZE) -> list[tuple[bytes, bool]]:
     """Split serialized STOMP bytes into WebSocket messages: ``[(payload, is_text), ...]``.
 
     Each payload holds whole frames (and the heart-beat EOLs around them), at most about
-    :data:`MESSAGE_GROUP_SIZE` bytes unless one frame is larger. ``is_text`` is true when
+    ``group_size`` bytes unless one frame is larger. ``is_text`` is true when
     no body in the payload contains a NUL byte and the payload is valid UTF-8. Bytes that do
     not split into frames (a partial frame, a header block holding NUL) are returned as one
     binary message. Never blocks; sans-I/O.
@@ -135,7 +135,7 @@ def split_messages(data: bytes) -> list[tuple[bytes, bool]]:
             if end == -1:
                 return [*messages, (data[start:], False)]
         pos = end + 1
-        if pos - start >= MESSAGE_GROUP_SIZE:
+        if pos - start >= group_size:
             eols = _EOLS.match(data, pos)
             pos = eols.end() if eols else pos
             messages.append(_message(data[start:pos], nul_in_body))

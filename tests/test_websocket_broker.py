@@ -353,3 +353,45 @@ async def test_refused_connection_gets_its_error_over_websocket() -> None:
         assert "connections" in error.headers["message"]
         await second.aclose()
         await first.aclose()
+
+
+async def test_slow_websocket_consumer_pushes_back_like_tcp() -> None:
+    """The adapter adds no buffer of its own: a WebSocket subscriber that stops reading
+    fills the broker's send buffer and is dropped as a slow topic consumer, while a
+    WebSocket subscriber that reads gets everything."""
+    async with open_broker(
+        listen=["tcp://127.0.0.1:0", f"ws://127.0.0.1:0{PATH}"],
+        max_send_buffer=64 * 1024,
+        shutdown_grace=1.0,
+        heart_beat=(0, 0),
+    ) as broker:
+        slow = await raw_ws(broker)
+        fast = await raw_ws(broker)
+        producer = await raw_tcp(broker)
+        for raw in (slow, fast, producer):
+            await raw.connect()
+        for raw in (slow, fast):
+            await raw.send("SUBSCRIBE", {"destination": "/topic/flood", "id": "1", "receipt": "r"})
+            await raw.expect("RECEIPT")
+        payload = b"\x00" + b"y" * 16 * 1024  # binary messages
+        count = 600  # ~10 MB: far beyond the slow reader's socket buffers and 64 KiB
+        received = 0
+
+        async def drain_fast() -> None:
+            nonlocal received
+            while received < count:
+                assert (await fast.expect("MESSAGE")).body == payload
+                received += 1
+
+        with trio.fail_after(30):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(drain_fast)
+                for i in range(count):
+                    receipt = {"receipt": f"p{i}"} if i % 100 == 99 else {}
+                    await producer.send("SEND", {"destination": "/topic/flood", **receipt}, payload)
+                    if receipt:
+                        await producer.expect("RECEIPT")
+        assert received == count
+        assert broker.statistics().slow_consumers == 1
+        for raw in (slow, fast, producer):
+            await raw.aclose()

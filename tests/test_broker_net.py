@@ -20,15 +20,17 @@ from trio_stomp.broker import Broker, Config, open_broker, serve_broker
 _open_clients: list[RawClient] = []
 
 
-@pytest.fixture(autouse=True)
-async def _close_clients() -> AsyncIterator[None]:
+@pytest.fixture
+async def close_clients() -> AsyncIterator[None]:
+    """Close every client a test opened. Requested by name: pytest-trio 0.8 under pytest 9
+    never runs an autouse (or usefixtures) async fixture."""
     yield
     while _open_clients:
         await _open_clients.pop().aclose()
 
 
 @pytest.fixture
-async def tcp_broker() -> AsyncIterator[Broker]:
+async def tcp_broker(close_clients: None) -> AsyncIterator[Broker]:
     async with open_broker(
         listen=["tcp://127.0.0.1:0"],
         max_send_buffer=64 * 1024,
@@ -64,7 +66,7 @@ async def test_listens_on_the_real_port_and_serves(tcp_broker: Broker) -> None:
     await producer.expect("RECEIPT")
 
 
-async def test_slow_topic_subscriber_is_disconnected_others_keep_going() -> None:
+async def test_slow_topic_subscriber_is_disconnected_others_keep_going(close_clients: None) -> None:
     # The ERROR for the slow consumer can only reach it once it reads again, and the broker
     # waits for that at most shutdown_grace: make the grace outlast the flood, however
     # slowly a loaded machine runs it, so the test checks the ERROR, not the scheduler.
@@ -118,7 +120,7 @@ async def _slow_topic_subscriber_is_disconnected(tcp_broker: Broker) -> None:
             pass
 
 
-async def test_slow_topic_subscriber_drop_policy() -> None:
+async def test_slow_topic_subscriber_drop_policy(close_clients: None) -> None:
     async with open_broker(
         listen=["tcp://127.0.0.1:0"],
         max_send_buffer=32 * 1024,
@@ -242,7 +244,7 @@ async def test_many_frames_in_one_chunk_are_routed_in_order(tcp_broker: Broker) 
     assert bodies == [b"%d" % i for i in range(2000)]
 
 
-async def test_a_client_that_never_reads_its_receipts_is_pushed_back() -> None:
+async def test_a_client_that_never_reads_its_receipts_is_pushed_back(close_clients: None) -> None:
     async with open_broker(listen=["tcp://127.0.0.1:0"], max_send_buffer=16 * 1024) as broker:
         greedy = await tcp_client(broker)
         assert isinstance(greedy.stream, trio.SocketStream)
@@ -280,7 +282,7 @@ async def test_a_client_that_never_reads_its_receipts_is_pushed_back() -> None:
         assert sent == count
 
 
-async def test_shutdown_stops_listeners_before_telling_sessions() -> None:
+async def test_shutdown_stops_listeners_before_telling_sessions(close_clients: None) -> None:
     async with trio.open_nursery() as nursery:
         broker: Broker = await nursery.start(
             serve_broker, Config(listen=["tcp://127.0.0.1:0"], shutdown_grace=2.0)

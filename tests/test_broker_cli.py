@@ -162,3 +162,25 @@ def test_flags_override_the_toml_file(tmp_path: pathlib.Path) -> None:
 def test_config_validation(settings: dict[str, object]) -> None:
     with pytest.raises(ValueError):
         Config(**settings)  # type: ignore[arg-type]
+
+
+async def test_a_port_in_use_is_a_one_line_error_and_exit_1() -> None:
+    holder = trio.socket.socket()
+    await holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    port = holder.getsockname()[1]
+    try:
+        with trio.fail_after(20):
+            result = await trio.run_process(
+                [sys.executable, "-m", "trio_stomp.broker", "--listen", f"tcp://127.0.0.1:{port}"],
+                capture_stdout=True,
+                capture_stderr=True,
+                check=False,
+            )
+    finally:
+        holder.close()
+    stderr = result.stderr.decode()
+    assert result.returncode == 1
+    assert "cannot start the broker" in stderr and "in use" in stderr
+    assert "Traceback" not in stderr
+    assert result.stdout == b""

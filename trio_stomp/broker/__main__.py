@@ -23,6 +23,9 @@ from typing import Any
 
 import trio
 
+if sys.version_info < (3, 11):  # pragma: no cover
+    from exceptiongroup import BaseExceptionGroup
+
 from ._auth import hash_password, load_users_file
 from ._broker import Broker, serve_broker
 from ._config import DEFAULT_LISTEN, LOG_LEVELS, Config, config_from_mapping, load_config
@@ -366,7 +369,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as exc:
         logger.error("cannot start the broker: %s", exc)
         return 1
+    except BaseExceptionGroup as group:
+        # A listener that cannot bind fails inside the broker's nurseries, so it arrives
+        # wrapped (once per nursery level): report it like a bare OSError.
+        errors, others = group.split(OSError)
+        if errors is None or others is not None:
+            raise
+        logger.error("cannot start the broker: %s", _first_leaf(errors))
+        return 1
     return 0
+
+
+def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    first = group.exceptions[0]
+    return _first_leaf(first) if isinstance(first, BaseExceptionGroup) else first
 
 
 if __name__ == "__main__":

@@ -46,7 +46,7 @@ def tests(session: nox.Session, trio: str) -> None:
 def lint(session: nox.Session) -> None:
     """ruff check and ruff format --check over everything we ship and test."""
     session.install("ruff")
-    paths = ["trio_stomp", "tests", "benchmarks", "noxfile.py"]
+    paths = ["trio_stomp", "tests", "benchmarks", "examples", "noxfile.py"]
     session.run("ruff", "check", *paths)
     session.run("ruff", "format", "--check", *paths)
 

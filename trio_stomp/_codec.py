@@ -259,6 +259,7 @@ class FrameParser:
         append = events.append
         known = _KNOWN_COMMANDS
         small_head = self._small_head
+        max_body_size = self.max_body_size
         while pos < end_of_buffer:
             # Heart-beats: bare EOLs between frames.
             byte = buffer[pos]
@@ -311,7 +312,14 @@ class FrameParser:
             if at >= 0:
                 at += 16
                 eol = block.find("\n", at)
-                size = self._content_length(block[at:] if eol < 0 else block[at:eol])
+                value = block[at:] if eol < 0 else block[at:eol]
+                if 0 < len(value) < 10 and value.isdigit() and value.isascii():
+                    # Inline fast path of _content_length: a few ASCII digits.
+                    size = int(value)
+                    if size > max_body_size:
+                        self._content_length(value)  # raises, with its message
+                else:
+                    size = self._content_length(value)
                 body_end = body_start + size
                 if body_end < end_of_buffer:
                     if buffer[body_end] != 0:

@@ -184,3 +184,29 @@ async def test_a_port_in_use_is_a_one_line_error_and_exit_1() -> None:
     assert "cannot start the broker" in stderr and "in use" in stderr
     assert "Traceback" not in stderr
     assert result.stdout == b""
+
+
+async def test_the_open_files_limit_is_raised_and_logged() -> None:
+    import resource
+    import shlex
+
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if hard != resource.RLIM_INFINITY and hard <= 256:
+        pytest.fail(f"the hard open-files limit ({hard}) is too low to test raising it")
+    command = shlex.join(
+        [sys.executable, "-m", "trio_stomp.broker", "--listen", "tcp://127.0.0.1:0"]
+    )
+    process = await trio.lowlevel.open_process(
+        ["bash", "-c", f"ulimit -S -n 256 && exec {command}"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert process.stdout is not None
+    with trio.fail_after(20):
+        line = await _read_line(process.stdout, bytearray())
+    assert line.startswith(b"listening on tcp://127.0.0.1:")
+    process.send_signal(signal.SIGTERM)
+    code, stderr = await _finish(process)
+    assert code == 0
+    expected = "open files limit: 256" if hard == resource.RLIM_INFINITY else "raised from 256"
+    assert expected in stderr

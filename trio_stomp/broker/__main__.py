@@ -364,6 +364,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=config.log_level,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    _raise_open_files_limit()
     try:
         trio.run(_run, config)
     except OSError as exc:
@@ -378,6 +379,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         logger.error("cannot start the broker: %s", _first_leaf(errors))
         return 1
     return 0
+
+
+def _raise_open_files_limit() -> None:
+    """Every connection is a file descriptor: lift the soft limit to the hard one (a
+    default soft limit of 1024 caps a broker at about a thousand clients), and log it."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not on POSIX
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft == hard:
+        logger.info("open files limit: %d", soft)
+        return
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ValueError, OSError) as exc:
+        logger.warning(
+            "open files limit stays at %d (raising it to %d failed: %s)", soft, hard, exc
+        )
+        return
+    logger.info("open files limit raised from %d to %d", soft, hard)
 
 
 def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
 import pytest
 import trio
@@ -425,3 +425,121 @@ async def test_parser_limits_are_passed_on() -> None:
         await remote.send(message(1, b"z" * 11))
         with pytest.raises(RemoteProtocolError):
             await peer.receive()
+
+
+# --------------------------------------------------------------------------- inline reading
+
+
+async def _ticker(peer: Peer) -> None:
+    """What the broker's shared ticker does for one peer."""
+    while True:
+        due = peer.check_heart_beat()
+        if due == float("inf"):
+            return
+        await trio.sleep_until(due)
+
+
+def inline_pair(
+    heart_beat_tolerance: float = 2.0,
+) -> AbstractAsyncContextManager[tuple[Peer, Remote, RecordingStream]]:
+    return peer_pair(
+        reader_task=False, run_heart_beat_timer=False, heart_beat_tolerance=heart_beat_tolerance
+    )
+
+
+async def test_inline_reading_reads_only_when_asked() -> None:
+    async with inline_pair() as (peer, remote, _):
+        await remote.send(*(message(n) for n in range(5)))
+        await trio.testing.wait_all_tasks_blocked()
+        # No reader task: nothing was read ahead.
+        assert peer.statistics().bytes_in == 0
+        assert await peer.receive_batch() == [message(n) for n in range(5)]
+        await remote.send(*(message(n) for n in range(5, 8)))
+        assert await peer.receive() == message(5)
+        assert await peer.receive_batch() == [message(6), message(7)]
+        stats = peer.statistics()
+        assert (stats.frames_in, stats.receive_batches_buffered) == (8, 0)
+        await peer.send(message(9))
+        assert await remote.frames(1) == [message(9)]
+
+
+async def test_inline_reading_eof_and_errors() -> None:
+    async with inline_pair() as (peer, remote, _):
+        await remote.send(message(1))
+        await remote.stream.send_all(b"\n")  # a heart-beat alone completes no frame
+        await remote.stream.aclose()
+        assert await peer.receive() == message(1)
+        with pytest.raises(ConnectionLost, match="peer closed the connection"):
+            await peer.receive()
+        with pytest.raises(ConnectionLost):
+            await peer.receive_batch()
+    async with inline_pair() as (peer, remote, _):
+        await remote.stream.send_all(b"NOT STOMP\n\n\0")
+        with pytest.raises(RemoteProtocolError):
+            await peer.receive()
+
+
+async def test_inline_reading_needs_a_shared_ticker() -> None:
+    with pytest.raises(ValueError, match="run_heart_beat_timer=False"):
+        async with peer_pair(reader_task=False):
+            pass  # pragma: no cover
+
+
+async def test_inline_watchdog_ends_a_pending_read(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with (
+        inline_pair(heart_beat_tolerance=1.5) as (peer, remote, _),
+        trio.open_nursery() as nursery,
+    ):
+        peer.set_heart_beat(0, 1000)
+        nursery.start_soon(_ticker, peer)
+        start = trio.current_time()
+        await remote.stream.send_all(b"\n")
+        await trio.sleep(1)  # a beat arrived but nobody read it yet: still alive
+        with pytest.raises(HeartbeatTimeout, match="no heart-beat"):
+            await peer.receive()
+        # The unread beat is read at 1 s (when receive starts): dead 1.5 s later.
+        assert trio.current_time() - start == pytest.approx(2.5)
+        with pytest.raises(HeartbeatTimeout):
+            await peer.send(message(1))
+
+
+async def test_inline_silence_while_we_do_not_read_is_ours(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with inline_pair() as (peer, remote, _), trio.open_nursery() as nursery:
+        peer.set_heart_beat(0, 1000)
+        nursery.start_soon(_ticker, peer)
+        await remote.send(message(1))
+        assert await peer.receive() == message(1)
+        await trio.sleep(30)  # the application is busy (pushing back); the peer is silent
+        assert not peer.closed
+        resumed = trio.current_time()
+        # A fresh window from the moment we read again, then the truth comes out.
+        with pytest.raises(HeartbeatTimeout):
+            await peer.receive()
+        assert trio.current_time() - resumed == pytest.approx(2.0)
+        nursery.cancel_scope.cancel()
+
+
+async def test_inline_close_reads_what_arrived_so_the_last_frame_is_not_reset() -> None:
+    # Closing a TCP socket with unread bytes sends a reset, which can destroy our last
+    # frame (an ERROR) before the other end reads it. The peer reads those bytes first.
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+    client = await trio.open_tcp_stream("127.0.0.1", port)
+    server = await listeners[0].accept()
+    async with open_peer(server, reader_task=False, run_heart_beat_timer=False) as peer:
+        await client.send_all(serialize(message(1)))
+        assert await peer.receive() == message(1)
+        await client.send_all(b"".join(serialize(message(n)) for n in range(2, 50)))
+        await trio.sleep(0.05)  # the bytes are in the server's socket buffer, unread
+        await peer.send(Frame("ERROR", {"message": "bye"}))
+        # leaving the block flushes the ERROR and closes
+    received = b""
+    while data := await client.receive_some(65536):
+        received += data
+    assert received.startswith(b"ERROR\nmessage:bye\n")
+    await client.aclose()
+    await listeners[0].aclose()

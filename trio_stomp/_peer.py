@@ -53,6 +53,23 @@ peer does not drop us either.
 By default each peer runs a small heart-beat task. A server with thousands of connections may
 pass ``run_heart_beat_timer=False`` and call :meth:`Peer.check_heart_beat` from one shared
 ticker instead.
+
+Inline reading (``reader_task=False``, the broker's mode)
+---------------------------------------------------------
+A server whose one receiving task applies each batch synchronously gains nothing from a
+reader task and a channel: they only cost memory per connection (a task, a channel, a
+nursery). With ``reader_task=False`` there is no reader task: :meth:`Peer.receive_batch`
+itself does ``receive_some`` + ``parser.feed`` in the caller's task, and only the writer task
+runs beside it (in the ``open_peer`` nursery, under its own cancel scope). Only one task may
+receive at a time (a second concurrent receive raises ``trio.BusyResourceError``).
+
+Liveness: ``last_received`` is updated on each read. The watchdog only counts silence while
+the application is *inside* a receive: between two receives (while it routes, or pushes back
+on its client by not reading) the silence is ours, exactly as a stalled reader task's is, so
+the watchdog is suspended, and the next receive gives the peer a fresh
+``expect_every_ms * tolerance`` window. When the watchdog fires it cancels the pending read,
+and that receive raises :class:`HeartbeatTimeout`. Heart-beats must come from a shared
+ticker (``run_heart_beat_timer=False``).
 """
 
 from __future__ import annotations
@@ -82,6 +99,9 @@ COALESCE_ROUNDS = 32
 COALESCE_BYTES = 65536
 
 _STREAM_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
+#: Inline reading: unread bytes dropped on close, at most (what a reader task's channel of
+#: four batches would have read ahead).
+_DISCARD_BYTES = 4 * RECEIVE_SIZE
 
 
 @attrs.frozen
@@ -133,12 +153,15 @@ class Peer:
     _space: trio.Event
     _progress: trio.Event
     _send_error: StompError | None
-    # inbound
-    _batches_in: trio.MemorySendChannel[list[Frame]]
-    _batches_out: trio.MemoryReceiveChannel[list[Frame]]
-    _inbox: deque[Frame]
+    # inbound (the channel is None with inline reading; the inbox exists only while a
+    # split batch has frames left)
+    _batches_in: trio.MemorySendChannel[list[Frame]] | None
+    _batches_out: trio.MemoryReceiveChannel[list[Frame]] | None
+    _inbox: deque[Frame] | None
     _receive_error: StompError | None
     _reader_stalled: bool
+    _reading: bool
+    _read_scope: trio.CancelScope | None
     # heart-beats
     _send_every: float
     _expect_every: float
@@ -148,6 +171,8 @@ class Peer:
     _timer_sleep: trio.CancelScope | None
     # lifetime
     _io_nursery: trio.Nursery | None
+    _writer_scope: trio.CancelScope | None
+    _nursery: trio.Nursery | None  # open_peer's, with inline reading
     _closed: bool
     # counters
     _bytes_in: int
@@ -166,11 +191,14 @@ class Peer:
         heart_beat_tolerance: float,
         run_heart_beat_timer: bool,
         parser_limits: dict[str, Any],
+        reader_task: bool = True,
     ) -> None:
         if max_send_buffer < 1:
             raise ValueError(f"max_send_buffer must be >= 1, not {max_send_buffer}")
         if heart_beat_tolerance < 1.0:
             raise ValueError(f"heart_beat_tolerance must be >= 1.0, not {heart_beat_tolerance}")
+        if not reader_task and run_heart_beat_timer:
+            raise ValueError("reader_task=False needs run_heart_beat_timer=False")
         self._stream = stream
         self._parser = FrameParser(version, **parser_limits)
         self._version = version
@@ -186,13 +214,18 @@ class Peer:
         self._space = trio.Event()
         self._progress = trio.Event()
         self._send_error = None
-        self._batches_in, self._batches_out = trio.open_memory_channel[list[Frame]](
-            max_receive_batches
-        )
+        if reader_task:
+            self._batches_in, self._batches_out = trio.open_memory_channel[list[Frame]](
+                max_receive_batches
+            )
+        else:
+            self._batches_in = self._batches_out = None
         # Frames of a batch that ``receive()`` split: at most one batch, so bounded.
-        self._inbox = deque()
+        self._inbox = None
         self._receive_error = None
         self._reader_stalled = False
+        self._reading = False
+        self._read_scope = None
         now = trio.current_time()
         self._send_every = 0.0
         self._expect_every = 0.0
@@ -201,6 +234,8 @@ class Peer:
         self._timer_started = False
         self._timer_sleep = None
         self._io_nursery = None
+        self._writer_scope = None
+        self._nursery = None
         self._closed = False
         self._bytes_in = self._bytes_out = 0
         self._frames_in = self._frames_out = self._heart_beats_out = 0
@@ -246,7 +281,11 @@ class Peer:
             frames_out=self._frames_out,
             heart_beats_out=self._heart_beats_out,
             send_buffer_used=self._pending_bytes,
-            receive_batches_buffered=self._batches_out.statistics().current_buffer_used,
+            receive_batches_buffered=(
+                0
+                if self._batches_out is None
+                else self._batches_out.statistics().current_buffer_used
+            ),
             reader_stalled=self._reader_stalled,
         )
 
@@ -423,13 +462,16 @@ class Peer:
           RemoteProtocolError: the peer sent something that is not STOMP.
         """
         await trio.lowlevel.checkpoint_if_cancelled()
-        if self._inbox:
-            frame = self._inbox.popleft()
+        inbox = self._inbox
+        if inbox:
+            frame = inbox.popleft()
+            if not inbox:
+                self._inbox = None
             await trio.lowlevel.cancel_shielded_checkpoint()
             return frame
-        batch = await self._receive_from_channel()
+        batch = await self._next_batch()
         if len(batch) > 1:
-            self._inbox.extend(batch)
+            self._inbox = deque(batch)
             return self._inbox.popleft()
         return batch[0]
 
@@ -442,12 +484,14 @@ class Peer:
         await trio.lowlevel.checkpoint_if_cancelled()
         if self._inbox:
             batch = list(self._inbox)
-            self._inbox.clear()
+            self._inbox = None
             await trio.lowlevel.cancel_shielded_checkpoint()
             return batch
-        return await self._receive_from_channel()
+        return await self._next_batch()
 
-    async def _receive_from_channel(self) -> list[Frame]:
+    async def _next_batch(self) -> list[Frame]:
+        if self._batches_out is None:
+            return await self._read_inline()
         try:
             return await self._batches_out.receive()
         except (trio.EndOfChannel, trio.ClosedResourceError):
@@ -456,6 +500,48 @@ class Peer:
         if error is None:
             error = self._send_error or ConnectionLost("connection closed")
         _reraise(error)
+
+    async def _read_inline(self) -> list[Frame]:
+        """Inline reading: read and parse in the caller's task until a chunk completes at
+        least one frame. Cancellation-atomic: ``receive_some`` loses nothing when
+        cancelled, and parsing does not await."""
+        stream = self._stream
+        parser = self._parser
+        # The silence before this call was ours (see "Inline reading").
+        self._last_received = max(self._last_received, trio.current_time())
+        while True:
+            error = self._receive_error
+            if error is not None:
+                _reraise(error)
+            self._reading = True
+            try:
+                with trio.CancelScope() as self._read_scope:  # _die cancels it
+                    try:
+                        data = await stream.receive_some(RECEIVE_SIZE)
+                    except _STREAM_ERRORS as exc:
+                        self._fail_receive(_lost(exc), exc)
+                        continue
+            finally:
+                self._reading = False
+                self._read_scope = None
+            if self._receive_error is not None:
+                continue  # the watchdog or the writer broke the peer while we waited
+            self._last_received = trio.current_time()
+            if data.__class__ is not bytes:
+                data = bytes(data)  # e.g. a bytearray from a memory stream
+            try:
+                events = parser.feed(data)
+            except RemoteProtocolError as exc:
+                self._fail_receive(exc, None)
+                continue
+            if not data:
+                self._fail_receive(ConnectionLost("peer closed the connection"), None)
+                continue
+            self._bytes_in += len(data)
+            frames = [event for event in events if isinstance(event, Frame)]
+            if frames:
+                self._frames_in += len(frames)
+                return frames
 
     def __aiter__(self) -> Peer:
         return self
@@ -467,6 +553,7 @@ class Peer:
     async def _reader(self) -> None:
         stream = self._stream
         parser = self._parser
+        assert self._batches_in is not None
         with self._batches_in as channel:
             while True:
                 try:
@@ -556,7 +643,7 @@ class Peer:
         deadline = math.inf
         if self._expect_every:
             window = self._expect_every * self._tolerance
-            if self._reader_stalled:
+            if self._reader_stalled or (self._batches_out is None and not self._reading):
                 deadline = now + window
             else:
                 limit = self._last_received + window
@@ -595,6 +682,10 @@ class Peer:
         self._break_send(error, None)
         if self._io_nursery is not None:
             self._io_nursery.cancel_scope.cancel()
+        if self._writer_scope is not None:
+            self._writer_scope.cancel()
+        if self._read_scope is not None:
+            self._read_scope.cancel()
 
     async def _run_io(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -608,9 +699,38 @@ class Peer:
         finally:
             self._io_nursery = None
 
+    async def _run_writer(self) -> None:
+        """Inline reading: the writer alone, in the ``open_peer`` nursery (no nursery of its
+        own); :meth:`_die` cancels its scope."""
+        with trio.CancelScope() as self._writer_scope:
+            if self._send_error is not None:
+                return
+            await self._writer()
+        self._writer_scope = None
+
     def _shut(self) -> None:
         self._closed = True
         self._die(ConnectionLost("connection closed"))
+
+    async def _discard_unread(self) -> None:
+        """Inline reading, on close: read and drop the bytes that already arrived (at most
+        ``_DISCARD_BYTES``). Closing a TCP socket with unread data resets the connection,
+        and the reset can destroy our last frames (an ERROR) before the peer reads them; a
+        reader task would have read those bytes already. Never waits for more bytes: a
+        read that has to wait is cancelled by a task started alongside it, which runs one
+        scheduling round later (no clock involved, so a mock clock that stands still is
+        fine)."""
+        nursery = self._nursery
+        if nursery is None:
+            return
+        discarded = 0
+        while discarded < _DISCARD_BYTES:
+            with trio.CancelScope() as scope:
+                nursery.start_soon(_cancel, scope)
+                data = await self._stream.receive_some(RECEIVE_SIZE)
+            if scope.cancelled_caught or not data:
+                return
+            discarded += len(data)
 
     async def aclose(self) -> None:
         """Flush what is queued, then close the stream. Idempotent.
@@ -633,11 +753,19 @@ class Peer:
             self._shut()
             if flushed:
                 try:
-                    await self._stream.aclose()
+                    try:
+                        if self._batches_out is None:
+                            await self._discard_unread()
+                    finally:
+                        await self._stream.aclose()
                 except _STREAM_ERRORS:
                     pass
             else:
                 await trio.aclose_forcefully(self._stream)
+
+
+async def _cancel(scope: trio.CancelScope) -> None:
+    scope.cancel()
 
 
 def _lost(exc: BaseException) -> ConnectionLost:
@@ -661,6 +789,7 @@ async def open_peer(
     max_send_buffer: int = 1 << 20,
     heart_beat_tolerance: float = 2.0,
     run_heart_beat_timer: bool = True,
+    reader_task: bool = True,
     **parser_limits: Any,
 ) -> AsyncIterator[Peer]:
     """Run a :class:`Peer` over ``stream`` for the duration of the block.
@@ -676,6 +805,10 @@ async def open_peer(
       heart_beat_tolerance: the watchdog fires after ``expect_every_ms`` times this.
       run_heart_beat_timer: run a heart-beat task for this peer (default); pass ``False`` to
         drive :meth:`Peer.check_heart_beat` from a shared ticker.
+      reader_task: run a reader task (default). ``False``: inline reading, for a single
+        receiving task that applies frames synchronously (the broker); fewer tasks and no
+        channel per connection. Needs ``run_heart_beat_timer=False``; ``max_receive_batches``
+        is then unused (see the module docstring, "Inline reading").
       **parser_limits: ``max_line_length``, ``max_headers``, ``max_body_size``,
         ``max_frame_size`` for :class:`FrameParser`.
 
@@ -698,8 +831,13 @@ async def open_peer(
                 heart_beat_tolerance=heart_beat_tolerance,
                 run_heart_beat_timer=run_heart_beat_timer,
                 parser_limits=parser_limits,
+                reader_task=reader_task,
             )
-            await nursery.start(peer._run_io)
+            if reader_task:
+                await nursery.start(peer._run_io)
+            else:
+                peer._nursery = nursery
+                nursery.start_soon(peer._run_writer)
             try:
                 yield peer
             except BaseException:

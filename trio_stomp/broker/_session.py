@@ -169,6 +169,9 @@ class Session:
                     max_send_buffer=config.max_send_buffer,
                     heart_beat_tolerance=config.heart_beat_tolerance,
                     run_heart_beat_timer=False,
+                    # Inline reading: this task is the only reader and routes each batch
+                    # synchronously, so a reader task and channel would only cost memory.
+                    reader_task=False,
                     **config.parser_limits(),
                 ) as peer:
                     self.peer = peer

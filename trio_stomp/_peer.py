@@ -150,8 +150,9 @@ class Peer:
     _written_total: int
     _writing: bool
     _writer_wake: trio.Event
-    _space: trio.Event
-    _progress: trio.Event
+    # Made only when a task has to wait (most connections never do: less memory).
+    _space: trio.Event | None
+    _progress: trio.Event | None
     _send_error: StompError | None
     # inbound (the channel is None with inline reading; the inbox exists only while a
     # split batch has frames left)
@@ -211,8 +212,8 @@ class Peer:
         self._written_total = 0
         self._writing = False
         self._writer_wake = trio.Event()
-        self._space = trio.Event()
-        self._progress = trio.Event()
+        self._space = None
+        self._progress = None
         self._send_error = None
         if reader_task:
             self._batches_in, self._batches_out = trio.open_memory_channel[list[Frame]](
@@ -334,6 +335,8 @@ class Peer:
             await trio.lowlevel.cancel_shielded_checkpoint()
             return
         while True:
+            if self._space is None:
+                self._space = trio.Event()
             await self._space.wait()
             self._raise_if_cannot_send()
             if self._pending_bytes < self._send_limit:
@@ -376,6 +379,8 @@ class Peer:
             return
         while self._written_total < target:
             self._raise_if_cannot_send()
+            if self._progress is None:
+                self._progress = trio.Event()
             await self._progress.wait()
 
     async def _writer(self) -> None:
@@ -411,8 +416,10 @@ class Peer:
             n = self._pending_bytes
             self._pending = []
             self._pending_bytes = 0
-            self._space.set()
-            self._space = trio.Event()
+            space = self._space
+            if space is not None:
+                self._space = None
+                space.set()
             self._writing = True
             written = False
             try:
@@ -433,8 +440,10 @@ class Peer:
             self._written_total += n
             self._bytes_out += n
             self._last_sent = trio.current_time()
-            self._progress.set()
-            self._progress = trio.Event()
+            progress = self._progress
+            if progress is not None:
+                self._progress = None
+                progress.set()
 
     def _break_send(self, error: StompError, cause: BaseException | None) -> None:
         if self._send_error is None:
@@ -442,8 +451,10 @@ class Peer:
                 error.__cause__ = cause
             self._send_error = error
         # Wake everyone waiting for room or progress: they will see the error.
-        self._space.set()
-        self._progress.set()
+        if self._space is not None:
+            self._space.set()
+        if self._progress is not None:
+            self._progress.set()
         self._pending = []
         self._pending_bytes = 0
 

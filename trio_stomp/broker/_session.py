@@ -98,9 +98,11 @@ class Session:
     _life: trio.CancelScope | None = None
     # (store position, RECEIPT) waiting for the store's commit, in order; sent by
     # _send_receipts. Bounded: the session stops reading at _MAX_STORE_RECEIPTS.
-    _store_receipts: deque[tuple[int, Frame]] = attrs.Factory(deque)
-    _store_receipts_wake: trio.Event = attrs.Factory(trio.Event)
-    _store_receipts_idle: trio.Event = attrs.Factory(trio.Event)
+    # The queue and its events are made when the first receipt has to wait (most
+    # connections never need them: memory per idle connection).
+    _store_receipts: deque[tuple[int, Frame]] | None = None
+    _store_receipts_wake: trio.Event | None = None
+    _store_receipts_idle: trio.Event | None = None
     _store_receipts_task: bool = False
 
     # -- control from outside (broker, routing core) -----------------------------------
@@ -353,7 +355,7 @@ class Session:
                         del deferred[0]
                 store = self.store
                 if store is not None and (
-                    store.backlogged or len(self._store_receipts) > _MAX_STORE_RECEIPTS
+                    store.backlogged or len(self._store_receipts or ()) > _MAX_STORE_RECEIPTS
                 ):
                     await store.wait_committed(store.barrier())
                 if self._stop_reason is not None:
@@ -379,11 +381,14 @@ class Session:
         if store is not None:
             position = store.barrier()
             if self._store_receipts or not store.is_committed(position):
+                if self._store_receipts is None:
+                    self._store_receipts = deque()
                 self._store_receipts.append((position, frame))
                 if not self._store_receipts_task and self._nursery is not None:
                     self._store_receipts_task = True
                     self._nursery.start_soon(self._send_receipts, peer, store)
-                self._store_receipts_wake.set()
+                if self._store_receipts_wake is not None:
+                    self._store_receipts_wake.set()
                 return
         if not self._deferred:
             try:
@@ -402,9 +407,11 @@ class Session:
             sent).
         """
         pending = self._store_receipts
+        assert pending is not None
         while True:
             if not pending:
-                self._store_receipts_idle.set()
+                if self._store_receipts_idle is not None:
+                    self._store_receipts_idle.set()
                 self._store_receipts_wake = trio.Event()
                 await self._store_receipts_wake.wait()
                 continue
@@ -420,7 +427,8 @@ class Session:
                         await peer.send(frame)
             except ConnectionLost:
                 pending.clear()
-                self._store_receipts_idle.set()
+                if self._store_receipts_idle is not None:
+                    self._store_receipts_idle.set()
                 return
 
     async def _disconnect(self, peer: Peer, frame: Frame) -> None:

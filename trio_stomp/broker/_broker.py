@@ -43,7 +43,7 @@ from ._auth import Security, load_security
 from ._config import Config
 from ._listeners import Listener, listener_url, open_listeners, remote_address
 from ._router import Router
-from ._session import Session
+from ._session import Session, frame_handlers
 from ._store import MemoryStore, Recovered, Store, open_store_from_url
 
 __all__ = ["Broker", "BrokerStatistics", "open_broker", "serve_broker"]
@@ -178,6 +178,8 @@ class Broker:
     _closed_errors: int = 0
     store: Store = attrs.Factory(lambda self: _store_of(self.router), takes_self=True)
     _expiry_wakeup: trio.Event = attrs.Factory(trio.Event)
+    # Shared by every session; made with the first one (after tests may patch the router).
+    _handlers: dict[str, Any] | None = None
 
     def __attrs_post_init__(self) -> None:
         self.router.on_expiring = self._expiring_started
@@ -323,6 +325,9 @@ class Broker:
             store=self.store,
             security=self.security,
         )
+        if self._handlers is None:
+            self._handlers = frame_handlers(self.router)
+        session.handlers = self._handlers
         self._sessions.add(session)
         self._connections_total += 1
         logger.info("connection %s opened from %s", session.session_id, session.remote)

@@ -83,6 +83,9 @@ class Session:
     register_heart_beat: Callable[[Peer], None]
     on_closed: Callable[[Session, PeerStatistics | None], None]
     store: Store | None = None
+    #: command -> router method; the broker shares one dict between its sessions (a dict
+    #: of eight bound methods per connection is ~0.6 KiB of an idle connection's memory).
+    handlers: dict[str, Callable[[Connection, Frame], object]] | None = None
     version: str | None = None
     peer: Peer | None = None
     connection: Connection | None = None
@@ -308,16 +311,7 @@ class Session:
         connection = self.connection
         assert connection is not None
         router = self.router
-        handlers: dict[str, Callable[[Connection, Frame], object]] = {
-            "SEND": router.send,
-            "SUBSCRIBE": router.subscribe,
-            "UNSUBSCRIBE": router.unsubscribe,
-            "ACK": router.ack,
-            "NACK": router.nack,
-            "BEGIN": router.begin,
-            "COMMIT": router.commit,
-            "ABORT": router.abort,
-        }
+        handlers = self.handlers or frame_handlers(router)
         deferred = self._deferred
         security = self.security
         principal = self.principal
@@ -517,6 +511,20 @@ class Session:
         life = self._life
         if life is not None:
             life.deadline = min(life.deadline, trio.current_time() + self.config.shutdown_grace)
+
+
+def frame_handlers(router: Router) -> dict[str, Callable[[Connection, Frame], object]]:
+    """The router method that applies each command after CONNECT (DISCONNECT aside)."""
+    return {
+        "SEND": router.send,
+        "SUBSCRIBE": router.subscribe,
+        "UNSUBSCRIBE": router.unsubscribe,
+        "ACK": router.ack,
+        "NACK": router.nack,
+        "BEGIN": router.begin,
+        "COMMIT": router.commit,
+        "ABORT": router.abort,
+    }
 
 
 def _one_line(text: str) -> str:

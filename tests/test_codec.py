@@ -442,3 +442,11 @@ def test_lazy_lookup_never_matches_across_name_and_value() -> None:
     assert parsed.headers.get("a") == "b:c"
     assert parsed.headers.get("a:b") is None
     assert parsed.headers.get("x\n") is None
+
+
+def test_crlf_head_followed_by_a_body_holding_blank_lines() -> None:
+    data = b"SEND\r\na:b\r\n\r\nbody\n\nmore\r\n\r\n\x00"
+    (frame,) = parse_all_ways(data)
+    assert isinstance(frame, Frame)
+    assert frame.headers.raw == (("a", "b"),)
+    assert frame.body == b"body\n\nmore\r\n\r\n"

@@ -280,7 +280,11 @@ class FrameParser:
             head_end = buffer.find(b"\n\n", pos)
             separator = 2
             if has_cr:
-                crlf_end = buffer.find(b"\n\r\n", pos)
+                # Only a CRLF blank line before the LF one can end the head sooner: never
+                # scan a body for it (a 1 MiB body made this search cost a whole pass).
+                crlf_end = buffer.find(
+                    b"\n\r\n", pos, head_end + 2 if head_end >= 0 else end_of_buffer
+                )
                 if crlf_end >= 0 and (head_end < 0 or crlf_end < head_end):
                     head_end = crlf_end
                     separator = 3

@@ -226,6 +226,9 @@ class Session:
             return
         if not self._connect(peer, frame):
             return
+        # The CONNECT frame (and the headers it decoded) would otherwise live as long as
+        # the connection: ~0.9 KiB of every idle connection.
+        del frame
         assert self.connection is not None
         logger.info(
             "session %s (%s) connected with STOMP %s", self.session_id, self.remote, self.version

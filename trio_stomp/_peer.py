@@ -517,7 +517,6 @@ class Peer:
         least one frame. Cancellation-atomic: ``receive_some`` loses nothing when
         cancelled, and parsing does not await."""
         stream = self._stream
-        parser = self._parser
         # The silence before this call was ours (see "Inline reading").
         self._last_received = max(self._last_received, trio.current_time())
         while True:
@@ -537,21 +536,8 @@ class Peer:
                 self._read_scope = None
             if self._receive_error is not None:
                 continue  # the watchdog or the writer broke the peer while we waited
-            self._last_received = trio.current_time()
-            if data.__class__ is not bytes:
-                data = bytes(data)  # e.g. a bytearray from a memory stream
-            try:
-                events = parser.feed(data)
-            except RemoteProtocolError as exc:
-                self._fail_receive(exc, None)
-                continue
-            if not data:
-                self._fail_receive(ConnectionLost("peer closed the connection"), None)
-                continue
-            self._bytes_in += len(data)
-            frames = [event for event in events if isinstance(event, Frame)]
+            frames = self._take_in(data)
             if frames:
-                self._frames_in += len(frames)
                 return frames
 
     def __aiter__(self) -> Peer:
@@ -563,7 +549,6 @@ class Peer:
 
     async def _reader(self) -> None:
         stream = self._stream
-        parser = self._parser
         assert self._batches_in is not None
         with self._batches_in as channel:
             while True:
@@ -572,22 +557,11 @@ class Peer:
                 except _STREAM_ERRORS as exc:
                     self._fail_receive(_lost(exc), exc)
                     return
-                self._last_received = trio.current_time()
-                if data.__class__ is not bytes:
-                    data = bytes(data)  # e.g. a bytearray from a memory stream
-                try:
-                    events = parser.feed(data)
-                except RemoteProtocolError as exc:
-                    self._fail_receive(exc, None)
+                frames = self._take_in(data)
+                if frames is None:
                     return
-                if not data:
-                    self._fail_receive(ConnectionLost("peer closed the connection"), None)
-                    return
-                self._bytes_in += len(data)
-                frames = [event for event in events if isinstance(event, Frame)]
                 if not frames:
                     continue
-                self._frames_in += len(frames)
                 try:
                     channel.send_nowait(frames)
                 except trio.WouldBlock:
@@ -603,6 +577,28 @@ class Peer:
                         self._last_received = trio.current_time()
                 except trio.BrokenResourceError:
                     return
+
+    def _take_in(self, data: bytes | bytearray) -> list[Frame] | None:
+        """Account for one received chunk and parse it (both reading modes share this).
+
+        Returns the frames it completed (possibly none), or ``None`` when the peer is now
+        broken: end of stream or a protocol error, recorded for ``receive()`` to raise.
+        """
+        self._last_received = trio.current_time()
+        if data.__class__ is not bytes:
+            data = bytes(data)  # e.g. a bytearray from a memory stream
+        try:
+            events = self._parser.feed(data)
+        except RemoteProtocolError as exc:
+            self._fail_receive(exc, None)
+            return None
+        if not data:
+            self._fail_receive(ConnectionLost("peer closed the connection"), None)
+            return None
+        self._bytes_in += len(data)
+        frames = [event for event in events if isinstance(event, Frame)]
+        self._frames_in += len(frames)
+        return frames
 
     def _fail_receive(self, error: StompError, cause: BaseException | None) -> None:
         if self._receive_error is None:

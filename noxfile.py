@@ -62,11 +62,13 @@ def typecheck(session: nox.Session) -> None:
 def bench(session: nox.Session) -> None:
     """Print the benchmark figures (not part of the default run).
 
-    Runs the codec benchmark, then every broker scenario beside a private RabbitMQ
+    Runs the codec benchmark and the broker's in-process per-message cost
+    (benchmarks/bench_core.py), then every broker scenario beside a private RabbitMQ
     (benchmarks/run_all.py: writes benchmarks/results/latest.md, latest.json and
     scaling.png, and flags any row more than 20% below the previous run). Arguments after
     ``--`` go to run_all.py, e.g. ``nox -s bench -- --quick``.
     """
     session.install("-e", ".[websocket]", "stomp-py", "matplotlib")
     session.run("python", "benchmarks/bench_codec.py")
+    session.run("python", "benchmarks/bench_core.py")
     session.run("python", "benchmarks/run_all.py", *session.posargs)

@@ -150,6 +150,16 @@ class Headers(Mapping[str, str]):
             assert self._raw is not None
         return self._raw
 
+    @property
+    def first(self) -> dict[str, str]:
+        """The first value of each name, as a dict (decoding the headers if need be).
+
+        Internal: the broker's hot paths read several headers of the same frame; one
+        decode and dict lookups beat a scan of the header block per name. Never mutate it.
+        """
+        first = self._first
+        return first if first is not None else self._decode()
+
     def get(self, name: str, default: str | None = None) -> str | None:  # type: ignore[override]
         block = self._block
         if block is None:

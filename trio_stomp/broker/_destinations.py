@@ -171,6 +171,7 @@ class Message:
     """
 
     __slots__ = (
+        "_plain",
         "_wire",
         "body",
         "destination",
@@ -202,7 +203,10 @@ class Message:
         self.redeliveries = 0
         self.expires = 0
         self.store_key: int | None = None
-        self._wire: dict[str, bytes] = {}
+        # The frame tail when it is the same in every version (the common case), else
+        # None and the tails per version in _wire (made on first use).
+        self._plain: bytes | None = None
+        self._wire: dict[str, bytes] | None = None
 
     @property
     def sender_headers(self) -> tuple[tuple[str, str], ...]:
@@ -215,13 +219,19 @@ class Message:
         Computed once per version and cached. A sender's header that ``version`` cannot
         carry (a line break in 1.0, a CR in 1.1) is left out for that version only.
         """
-        data = self._wire.get(version)
-        if data is None:
+        data = self._plain
+        if data is not None:
+            return data
+        wire = self._wire
+        if wire is None:
             data = _plain_tail(self.headers, self.body)
             if data is not None:
                 # Nothing to escape: the same bytes serve every version.
-                self._wire = {"1.0": data, "1.1": data, "1.2": data}
+                self._plain = data
                 return data
+            wire = self._wire = {}
+        data = wire.get(version)
+        if data is None:
             try:
                 data = serialize(Frame("MESSAGE", self.headers, self.body), version)
             except LocalProtocolError:
@@ -229,7 +239,7 @@ class Message:
                     Frame("MESSAGE", _encodable(self.headers, version), self.body), version
                 )
             data = data[_MESSAGE_COMMAND_LEN:]
-            self._wire[version] = data
+            wire[version] = data
         return data
 
     def __repr__(self) -> str:
@@ -475,9 +485,12 @@ class Queue:
 
     def publish(self, message: Message) -> None:
         """Accept ``message`` and deliver whatever can be delivered now."""
+        counters = self._counters
+        counters.enqueued += 1
+        if not self.messages and self.subscriptions and self._offer(message):
+            return  # the common case: straight through to a subscriber with credit
         self.messages.append(message)
-        self._counters.enqueued += 1
-        self._counters.queued += 1
+        counters.queued += 1
         self.dispatch()
 
     def requeue(self, messages: list[Message]) -> None:
@@ -511,31 +524,44 @@ class Queue:
         """Deliver queued messages round-robin to subscriptions with credit, until the
         queue is empty or nobody can take more."""
         messages = self.messages
-        subscriptions = self.subscriptions
         counters = self._counters
         hooks = self.hooks
-        while messages and subscriptions:
+        while messages and self.subscriptions:
             message = messages[0]
             if message.expires and hooks is not None and hooks.expire(self, message):
                 messages.popleft()
                 counters.queued -= 1
                 continue
-            count = len(subscriptions)
-            start = self._next % count
-            for step in range(count):
-                index = (start + step) % count
-                subscription = subscriptions[index]
-                if not subscription.has_credit:
-                    continue
-                if subscription.offer(message, counters, message.redelivered):
-                    messages.popleft()
-                    counters.queued -= 1
-                    self._next = index + 1
-                    if message.store_key is not None and hooks is not None:
-                        hooks.delivered(self, message, subscription)
-                    break
-            else:
+            if not self._offer(message):
                 return
+            messages.popleft()
+            counters.queued -= 1
+
+    def _offer(self, message: Message) -> bool:
+        """Give ``message`` to the next subscription (round-robin) that has credit and
+        takes it; False when none does."""
+        subscriptions = self.subscriptions
+        count = len(subscriptions)
+        start = self._next % count
+        for step in range(count):
+            index = (start + step) % count
+            subscription = subscriptions[index]
+            connection = subscription.connection
+            if not (
+                connection.alive
+                and connection.writable
+                and (
+                    subscription.ack_mode == "auto"
+                    or len(subscription.unacked) < subscription.prefetch
+                )
+            ):
+                continue  # no credit (Subscription.has_credit, inlined)
+            if subscription.offer(message, self._counters, message.redelivered):
+                self._next = index + 1
+                if message.store_key is not None and self.hooks is not None:
+                    self.hooks.delivered(self, message, subscription)
+                return True
+        return False
 
     def drop_all(self) -> int:
         """Discard every waiting message (a temp queue whose owner left); returns how many."""

@@ -35,7 +35,7 @@ durable topic subscription (CONNECT ``client-id`` + SUBSCRIBE
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Final
 
 from .._errors import LocalProtocolError, RemoteProtocolError
@@ -75,6 +75,10 @@ RESERVED_HEADERS: Final = frozenset(
         "redelivered",
         "user-id",  # the broker stamps the sender's principal (issue 5): never forged
     }
+)
+#: The prefixes themselves, which name no destination.
+_BARE_PREFIXES: Final = frozenset(
+    {QUEUE_PREFIX, TOPIC_PREFIX, TEMP_QUEUE_PREFIX, REPLY_QUEUE_PREFIX}
 )
 PREFETCH_HEADERS: Final = ("prefetch", "activemq.prefetchSize")
 #: SUBSCRIBE / UNSUBSCRIBE headers naming a durable topic subscription.
@@ -285,20 +289,27 @@ class Router:
           RemoteProtocolError: no ``destination``, an empty name, a subscription-only
             name, or an unknown ``transaction``.
         """
+        # The broker's hottest path: the headers are decoded once here (the passthrough
+        # needs every pair anyway) and every later lookup is a dict lookup.
         headers = frame.headers
-        destination = headers.get("destination")
+        first = headers.first
+        destination = first.get("destination")
         if not destination:
             raise RemoteProtocolError("SEND frame has no destination header")
-        self._check_name(destination)
-        transaction = headers.get("transaction")
+        if destination in _BARE_PREFIXES:
+            self._check_name(destination)  # raises
+        transaction = first.get("transaction")
         if transaction is not None:
-            _expires(frame)  # raises now: COMMIT must not fail half-way
+            _expires(first)  # raises now: COMMIT must not fail half-way
             self._transaction(connection, transaction).append(frame)
             return
         self._publish(connection, frame, destination)
 
     def _publish(self, connection: Connection, frame: Frame, name: str) -> None:
-        target = self._resolve(connection, name, subscribe=False, checked=True)  # by send()
+        if name.startswith(QUEUE_PREFIX):
+            target: Queue | Topic | None = self._queue(name)
+        else:
+            target = self._resolve(connection, name, subscribe=False, checked=True)
         counters = self.counters
         durables = self._durables_by_topic.get(name) if self._durables_by_topic else None
         if target is None and not durables:
@@ -309,15 +320,12 @@ class Router:
             else:
                 counters.unrouted += 1
             return
-        expires = _expires(frame)  # before any state changes (a reply-to temp queue)
-        passthrough: list[tuple[str, str]] = []
-        for header, value in frame.headers.raw:
-            if header in RESERVED_HEADERS:
-                continue
-            if header == "reply-to" and value.startswith(TEMP_QUEUE_PREFIX):
-                queue = self._temp_queue(connection, value[len(TEMP_QUEUE_PREFIX) :])
-                value = self._reply_name(connection, queue.name[len(TEMP_QUEUE_PREFIX) :])
-            passthrough.append((header, value))
+        headers = frame.headers
+        first = headers.first
+        expires = _expires(first) if "expires" in first else 0  # before any state changes
+        passthrough = [pair for pair in headers.raw if pair[0] not in RESERVED_HEADERS]
+        if "reply-to" in first:
+            passthrough = [self._rewrite_reply_to(connection, pair) for pair in passthrough]
         if connection.user_id is not None:
             passthrough.append(("user-id", connection.user_id))
         settings = self._settings(name) if self._settings_for is not None else None
@@ -339,8 +347,7 @@ class Router:
                 return
             self._mark_expiring()
         persistent = self.journal is not None and (
-            frame.headers.get("persistent") == "true"
-            or (settings is not None and settings.persistent)
+            first.get("persistent") == "true" or (settings is not None and settings.persistent)
         )
         if durables:
             for durable in durables:
@@ -354,6 +361,15 @@ class Router:
                 target.name, target.name, message.message_id, passthrough, frame.body, expires
             )
         target.publish(message)
+
+    def _rewrite_reply_to(self, connection: Connection, pair: tuple[str, str]) -> tuple[str, str]:
+        """A ``reply-to`` naming the sender's own temp queue becomes the broker-unique
+        name other connections can send to (the temp queue is made if need be)."""
+        header, value = pair
+        if header != "reply-to" or not value.startswith(TEMP_QUEUE_PREFIX):
+            return pair
+        queue = self._temp_queue(connection, value[len(TEMP_QUEUE_PREFIX) :])
+        return header, self._reply_name(connection, queue.name[len(TEMP_QUEUE_PREFIX) :])
 
     # -- SUBSCRIBE / UNSUBSCRIBE ---------------------------------------------------------
 
@@ -891,13 +907,13 @@ class Router:
         del connection.transactions[transaction]
 
 
-def _expires(frame: Frame) -> int:
+def _expires(headers: Mapping[str, str]) -> int:
     """The ``expires`` header: ms since the epoch, 0 (or absent) for never.
 
     Raises:
       RemoteProtocolError: it is not a non-negative integer.
     """
-    value = frame.headers.get("expires")
+    value = headers.get("expires")
     if not value:
         return 0
     if not (value.isascii() and value.isdigit()):

@@ -318,25 +318,27 @@ class Session:
         deferred = self._deferred
         security = self.security
         principal = self.principal
+        checks = security.checks if security is not None and principal is not None else {}
         with trio.CancelScope() as self._wake:
             if self._stop_reason is not None:
                 self._wake.cancel()
             while True:
                 batch = await peer.receive_batch()
                 for frame in batch:
-                    handler = handlers.get(frame.command)
+                    command = frame.command
+                    handler = handlers.get(command)
                     try:
                         if handler is None:
                             self._check_other(frame)
                             # DISCONNECT: nothing after it is processed.
                             await self._disconnect(peer, frame)
                             return
-                        if frame.body and frame.command not in _BODY_COMMANDS:
-                            raise RemoteProtocolError(
-                                f"a {frame.command} frame must not have a body"
-                            )
-                        if security is not None and principal is not None:
-                            security.check(router, connection, principal, frame)
+                        if frame.body and command not in _BODY_COMMANDS:
+                            raise RemoteProtocolError(f"a {command} frame must not have a body")
+                        check = checks.get(command)
+                        if check is not None:
+                            assert principal is not None
+                            check(router, connection, principal, frame)
                         handler(connection, frame)
                     except RemoteProtocolError as exc:
                         await self._error(str(exc), frame)

@@ -872,7 +872,8 @@ class Security:
     def _check_ack(
         self, router: Router, connection: Connection, principal: Principal, frame: Frame
     ) -> None:
-        self._check_transaction(connection, frame)
+        if "transaction" in frame.headers.first:  # decoded once: the router reads it next
+            self._check_transaction(connection, frame)
 
     def _check_transaction(self, connection: Connection, frame: Frame) -> None:
         transaction = frame.headers.get("transaction")

@@ -386,27 +386,30 @@ class Subscription:
         marks the connection not writable.
         """
         connection = self.connection
-        if self.ack_mode == "auto":
+        version = connection.version
+        auto = self.ack_mode == "auto"
+        if auto:
             head = self.prefix
+        elif version == "1.2":
+            connection._ack_counter += 1  # Connection.next_ack_id, inlined
+            key = str(connection._ack_counter)
+            head = b"%sack:%s\n" % (self.prefix, key.encode())
         else:
-            if connection.version == "1.2":
-                key = connection.next_ack_id()
-                head = b"%sack:%s\n" % (self.prefix, key.encode())
-            else:
-                key = message.message_id
-                head = self.prefix
+            key = message.message_id
+            head = self.prefix
         if redelivered:
             head += _REDELIVERED_LINE
-        if not connection.sink.write(head + message.wire(connection.version)):
+        tail = message._plain or message.wire(version)  # the common case without a call
+        if not connection.sink.write(head + tail):
             connection.writable = False
             return False
         counters.delivered += 1
-        if self.ack_mode == "auto":
+        if auto:
             counters.acked += 1
         else:
             self.unacked[key] = message
             counters.unacked += 1
-            if connection.version == "1.2":
+            if version == "1.2":
                 connection.ack_index[key] = self
         return True
 
@@ -608,11 +611,22 @@ class Topic:
         if not subscriptions:
             counters.unrouted += 1
             return
-        if len(subscriptions) == 1:
-            self.deliver(subscriptions[0], message, False)
-            return
-        for subscription in tuple(subscriptions):
-            self.deliver(subscription, message, False)
+        # Topic.deliver, inlined (one call fewer per delivery); a slow consumer's removal
+        # may change the list meanwhile, hence the copy.
+        for subscription in tuple(subscriptions) if len(subscriptions) > 1 else subscriptions:
+            connection = subscription.connection
+            if not connection.alive:
+                continue
+            if (
+                connection.writable
+                and (
+                    subscription.ack_mode == "auto"
+                    or len(subscription.unacked) < subscription.prefetch
+                )
+                and subscription.offer(message, counters, False)
+            ):
+                continue
+            self._slow(subscription)
 
     def deliver(self, subscription: Subscription, message: Message, redelivered: bool) -> None:
         """Deliver to one subscription (also used to redeliver after a NACK)."""

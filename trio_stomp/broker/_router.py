@@ -489,28 +489,28 @@ class Router:
         self._ack_or_nack(connection, frame, nack=True)
 
     def _ack_or_nack(self, connection: Connection, frame: Frame, *, nack: bool) -> None:
-        headers = frame.headers
+        first = frame.headers.first  # one decode, then dict lookups
         header = "id" if connection.version == "1.2" else "message-id"
-        if headers.get(header) is None:
+        if header not in first:
             raise RemoteProtocolError(
                 f"{frame.command} frame has no {header} header (required in STOMP "
                 f"{connection.version})"
             )
-        transaction = headers.get("transaction")
+        transaction = first.get("transaction")
         if transaction is not None:
             self._transaction(connection, transaction).append(frame)
             return
         self._settle(connection, frame, nack=nack)
 
     def _settle(self, connection: Connection, frame: Frame, *, nack: bool) -> None:
-        headers = frame.headers
+        first = frame.headers.first
         subscription: Subscription | None
         if connection.version == "1.2":
-            key = headers["id"]
+            key = first["id"]
             subscription = connection.ack_index.get(key)
         else:
-            key = headers["message-id"]
-            subscription_id = headers.get("subscription")
+            key = first["message-id"]
+            subscription_id = first.get("subscription")
             if subscription_id is not None:
                 subscription = connection.subscriptions.get(subscription_id)
             else:

@@ -596,13 +596,14 @@ def test_header_that_an_old_version_cannot_carry_is_left_out_for_it_only() -> No
     ],
 )
 @pytest.mark.parametrize("body", [b"", b"x", b"\0bin\0"])
+@pytest.mark.parametrize("destination", ["/queue/w", "/queue/w:x", "/queue/w\\x", "/topic/\u00e9"])
 def test_message_wire_matches_the_codec_for_every_version(
-    headers: list[tuple[str, str]], body: bytes
+    headers: list[tuple[str, str]], body: bytes, destination: str
 ) -> None:
     from trio_stomp.broker._destinations import Message, _encodable
 
     for version in ("1.0", "1.1", "1.2"):
-        message = Message("m-1", "/queue/w", headers, body)
+        message = Message("m-1", destination, headers, body)
         expected_headers = _encodable(message.headers, version)
         expected = serialize(Frame("MESSAGE", expected_headers, body), version)
         assert b"MESSAGE\n" + message.wire(version) == expected

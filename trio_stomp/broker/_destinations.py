@@ -176,10 +176,10 @@ class Message:
         "body",
         "destination",
         "expires",
-        "headers",
         "message_id",
         "redelivered",
         "redeliveries",
+        "sender_headers",
         "store_key",
     )
 
@@ -192,12 +192,9 @@ class Message:
     ) -> None:
         self.message_id = message_id
         self.destination = destination
-        self.headers: tuple[tuple[str, str], ...] = (
-            ("message-id", message_id),
-            ("destination", destination),
-            *sender_headers,
-            ("content-length", str(len(body))),
-        )
+        #: The headers the sender chose (without message-id, destination,
+        #: content-length).
+        self.sender_headers = tuple(sender_headers)
         self.body = body
         self.redelivered = False
         self.redeliveries = 0
@@ -209,9 +206,14 @@ class Message:
         self._wire: dict[str, bytes] | None = None
 
     @property
-    def sender_headers(self) -> tuple[tuple[str, str], ...]:
-        """The headers the sender chose (without message-id, destination, content-length)."""
-        return self.headers[2:-1]
+    def headers(self) -> tuple[tuple[str, str], ...]:
+        """Every header of the MESSAGE frame but the per-delivery ones."""
+        return (
+            ("message-id", self.message_id),
+            ("destination", self.destination),
+            *self.sender_headers,
+            ("content-length", str(len(self.body))),
+        )
 
     def wire(self, version: str) -> bytes:
         """The MESSAGE frame's bytes after the per-delivery header lines, for ``version``.
@@ -224,7 +226,7 @@ class Message:
             return data
         wire = self._wire
         if wire is None:
-            data = _plain_tail(self.headers, self.body)
+            data = _plain_tail(self)
             if data is not None:
                 # Nothing to escape: the same bytes serve every version.
                 self._plain = data
@@ -246,18 +248,34 @@ class Message:
         return f"<Message {self.message_id} to {self.destination} ({len(self.body)} bytes)>"
 
 
-def _plain_tail(headers: tuple[tuple[str, str], ...], body: bytes) -> bytes | None:
+def _plain_tail(message: Message) -> bytes | None:
     """The frame tail ``serialize`` would write, when no header needs escaping in any
-    version (the common case: one join instead of a regex search per header); else None."""
-    text = "\n".join(map(":".join, headers))
-    if (
-        "\\" in text
-        or "\r" in text
-        or text.count(":") != len(headers)
-        or text.count("\n") != len(headers) - 1
-    ):
+    version (the common case: a few searches instead of a regex search per header);
+    else None."""
+    names = message.message_id + message.destination
+    if "\\" in names or ":" in names or "\n" in names or "\r" in names:
         return None
-    return b"".join((text.encode("utf-8"), b"\n\n", body, b"\0"))
+    sender = message.sender_headers
+    body = message.body
+    if sender:
+        text = "\n".join(map(":".join, sender))
+        if (
+            "\\" in text
+            or "\r" in text
+            or text.count(":") != len(sender)
+            or text.count("\n") != len(sender) - 1
+        ):
+            return None
+        head = (
+            f"message-id:{message.message_id}\ndestination:{message.destination}\n{text}\n"
+            f"content-length:{len(body)}\n\n"
+        )
+    else:
+        head = (
+            f"message-id:{message.message_id}\ndestination:{message.destination}\n"
+            f"content-length:{len(body)}\n\n"
+        )
+    return b"".join((head.encode("utf-8"), body, b"\0"))
 
 
 def _encodable(headers: tuple[tuple[str, str], ...], version: str) -> tuple[tuple[str, str], ...]:

@@ -528,8 +528,10 @@ class Router:
             counters.acked += len(messages)
             if isinstance(destination, Queue):
                 for message in messages:
-                    self._forget(message)
-                destination.dispatch()
+                    if message.store_key is not None:
+                        self._forget(message)
+                if destination.messages:
+                    destination.dispatch()
             return
         if isinstance(destination, Queue):
             destination.requeue(messages)

@@ -21,6 +21,7 @@ from trio_stomp import (
     StompError,
     serialize,
 )
+from trio_stomp._codec import _FrameBuilder
 
 TRAILER = b"RECEIPT\nreceipt-id:77\n\n\x00"
 TRAILER_FRAME = Frame("RECEIPT", [("receipt-id", "77")])
@@ -360,6 +361,22 @@ def test_frame_is_immutable_and_comparable() -> None:
     assert frame.headers == {"destination": "/q"}
     with pytest.raises(TypeError):
         Frame("SEND", [("a", 1)])  # type: ignore[list-item]
+
+
+def test_parsed_frames_are_plain_immutable_frames() -> None:
+    # The parser builds frames as a mutable twin class and then sets __class__ = Frame.
+    assert _FrameBuilder.__slots__ == Frame.__slots__
+    data = b"SEND\ncontent-length:1\n\nx\x00ACK\nid:1\n\n\x00"
+    for frame in [*feed_whole(data), *feed_bytewise(data)]:
+        assert type(frame) is Frame
+        with pytest.raises(AttributeError):
+            frame.body = b"y"
+        with pytest.raises(AttributeError):
+            del frame.command
+    assert parse_all_ways(data) == [
+        Frame("SEND", {"content-length": "1"}, b"x"),
+        Frame("ACK", {"id": "1"}),
+    ]
 
 
 def test_lazy_headers_match_eager_ones() -> None:

@@ -291,32 +291,24 @@ class FrameParser:
             if head_end < 0:
                 self._check_incomplete_head(buffer, pos)
                 break
-            text = buffer[pos:head_end].decode("utf-8")
+            text = buffer[pos:head_end].decode()
             if has_cr and "\r" in text:
                 text = text.replace("\r\n", "\n")
                 if text.endswith("\r"):
                     text = text[:-1]
-            eol = text.find("\n")
-            if eol < 0:
-                command = text
-                block = ""
-            else:
-                command = text[:eol]
-                block = text[eol:]
-            if command in known and len(text) <= small_head and "\\" not in block:
+            command = text.partition("\n")[0]
+            if command in known and head_end - pos <= small_head and "\\" not in text:
                 headers = _new_headers(Headers)
                 headers._raw = None
                 headers._first = None
-                headers._block = block
+                headers._block = text
             else:
-                headers = self._parse_head(text, command, block)
+                headers = self._parse_head(text, command)
             body_start = head_end + separator
 
-            at = block.find("\ncontent-length:")
-            if at >= 0:
-                at += 16
-                eol = block.find("\n", at)
-                value = block[at:] if eol < 0 else block[at:eol]
+            _, found, value = text.partition("\ncontent-length:")
+            if found:
+                value = value.partition("\n")[0]
                 if 0 < len(value) < 10 and value.isdigit() and value.isascii():
                     # Inline fast path of _content_length: a few ASCII digits.
                     size = int(value)
@@ -331,11 +323,15 @@ class FrameParser:
                             f"frame body is not followed by a NUL octet after "
                             f"content-length ({size}) octets"
                         )
-                    frame = _new_frame(Frame)
-                    _set_command(frame, command)
-                    _set_headers(frame, headers)
-                    _set_body(frame, buffer[body_start:body_end])
-                    append(frame)
+                    # A frame is immutable (Frame.__setattr__ raises): build it as its
+                    # mutable twin and then give it its class, three plain slot stores
+                    # instead of three descriptor calls.
+                    frame = _FrameBuilder()
+                    frame.command = command
+                    frame.headers = headers
+                    frame.body = buffer[body_start:body_end]
+                    frame.__class__ = Frame  # type: ignore[assignment]
+                    append(frame)  # type: ignore[arg-type]
                     pos = body_end + 1
                     continue
                 self._start_body(command, headers, buffer[body_start:], size + 1)
@@ -353,7 +349,12 @@ class FrameParser:
                 raise RemoteProtocolError(
                     f"frame body exceeds the maximum size of {self.max_body_size} bytes"
                 )
-            append(Frame._trusted(command, headers, buffer[body_start:nul]))
+            frame = _FrameBuilder()
+            frame.command = command
+            frame.headers = headers
+            frame.body = buffer[body_start:nul]
+            frame.__class__ = Frame  # type: ignore[assignment]
+            append(frame)  # type: ignore[arg-type]
             pos = nul + 1
         if pos == 0:
             return buffer
@@ -414,7 +415,7 @@ class FrameParser:
             raise RemoteProtocolError(f"expected a STOMP command, got {line[:40]!r}")
         return command
 
-    def _parse_head(self, text: str, command: str, block: str) -> Headers:
+    def _parse_head(self, text: str, command: str) -> Headers:
         """The careful path for a head the fast path did not take: check the command and
         every limit, and decode escapes eagerly (so a bad escape fails here)."""
         if len(text) > self.max_frame_size:
@@ -423,6 +424,7 @@ class FrameParser:
             )
         if command not in _KNOWN_COMMANDS:
             self._check_command(command.encode("utf-8"))
+        block = text[len(command) :]
         if block.count("\n") > self.max_headers:
             raise RemoteProtocolError(
                 f"frame has more than the maximum of {self.max_headers} headers"
@@ -432,7 +434,7 @@ class FrameParser:
             raise RemoteProtocolError(f"header line exceeds the maximum length of {max_line} bytes")
         if "\\" not in block or self._version == "1.0" or command in NO_ESCAPE_COMMANDS:
             # Nothing to unescape: decode lazily, on first access.
-            return Headers._from_block(block)
+            return Headers._from_block(text)
         table = _UNESCAPE_12 if self._version == "1.2" else _UNESCAPE_11
         raw: list[tuple[str, str]] = []
         first: dict[str, str] = {}
@@ -450,10 +452,16 @@ class FrameParser:
 
 
 _new_headers = object.__new__
-_new_frame = object.__new__
-_set_command = Frame.command.__set__  # type: ignore[misc,attr-defined,unused-ignore]
-_set_headers = Frame.headers.__set__  # type: ignore[misc,attr-defined,unused-ignore]
-_set_body = Frame.body.__set__  # type: ignore[misc,attr-defined,unused-ignore]
+
+
+class _FrameBuilder:
+    # Frame's mutable twin: the same slots in the same order, so that an instance can be
+    # given the class Frame once its slots are set (CPython checks the layouts match).
+    __slots__ = ("body", "command", "headers")
+
+    command: str
+    headers: Headers
+    body: bytes
 
 
 def _check_command_to_send(command: str) -> None:

@@ -86,8 +86,9 @@ class Headers(Mapping[str, str]):
 
     _raw: tuple[tuple[str, str], ...] | None
     _first: dict[str, str] | None
-    # Undecoded header lines, each preceded by "\n" (CRs of CRLF line ends removed);
-    # set only while the headers have not been decoded, and only when no escape occurs.
+    # The undecoded head: the command line, then each header line preceded by "\n" (CRs
+    # of CRLF line ends removed); set only while the headers have not been decoded, and
+    # only when no escape occurs.
     _block: str | None
 
     def __init__(self, headers: HeadersLike = ()) -> None:
@@ -117,8 +118,10 @@ class Headers(Mapping[str, str]):
 
     @classmethod
     def _from_block(cls, block: str) -> Headers:
-        # The parser's lazy constructor: ``block`` is "\nname:value\nname:value...", with
-        # no escape sequences in it (the parser decodes those eagerly).
+        # The parser's lazy constructor: ``block`` is the head as received,
+        # "COMMAND\nname:value\nname:value...", with no escape sequences in it (the parser
+        # decodes those eagerly). The command line holds no "\n", so a lookup for
+        # "\nname:" never matches it.
         self = object.__new__(cls)
         self._raw = None
         self._first = None
@@ -130,7 +133,9 @@ class Headers(Mapping[str, str]):
         assert block is not None
         raw = []
         first: dict[str, str] = {}
-        for line in block[1:].split("\n") if block else ():
+        lines = block.split("\n")
+        del lines[0]  # the command line
+        for line in lines:
             name, colon, value = line.partition(":")
             if not colon:
                 raise RemoteProtocolError(f"header line without a colon: {line[:80]!r}")

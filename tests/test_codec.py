@@ -225,6 +225,12 @@ def test_huge_content_length_is_refused_before_allocation() -> None:
     data = b"SEND\ncontent-length:99999999999999999999999999\n\n"
     fails_all_ways(data, "maximum body size")
     fails_all_ways(b"SEND\ncontent-length:1025\n\n", "maximum body size", max_body_size=1024)
+    # Sizes seen are remembered across parsers; each parser still applies its own limit.
+    frame = b"SEND\ncontent-length:1025\n\n" + b"x" * 1025 + b"\x00"
+    assert len(parse_all_ways(frame)) == 1
+    fails_all_ways(
+        frame, "content-length 1025 exceeds the maximum body size of 1024 bytes", max_body_size=1024
+    )
 
 
 def test_missing_nul_after_content_length_body() -> None:

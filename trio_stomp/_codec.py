@@ -260,6 +260,7 @@ class FrameParser:
         known = _KNOWN_COMMANDS
         small_head = self._small_head
         max_body_size = self.max_body_size
+        sizes = _CONTENT_LENGTHS
         while pos < end_of_buffer:
             # Heart-beats: bare EOLs between frames.
             byte = buffer[pos]
@@ -309,13 +310,19 @@ class FrameParser:
             _, found, value = text.partition("\ncontent-length:")
             if found:
                 value = value.partition("\n")[0]
-                if 0 < len(value) < 10 and value.isdigit() and value.isascii():
-                    # Inline fast path of _content_length: a few ASCII digits.
-                    size = int(value)
-                    if size > max_body_size:
-                        self._content_length(value)  # raises, with its message
-                else:
-                    size = self._content_length(value)
+                size = sizes.get(value, -1)
+                if size < 0:
+                    if 0 < len(value) < 10 and value.isdigit() and value.isascii():
+                        # Inline fast path of _content_length: a few ASCII digits.
+                        size = int(value)
+                        if size > max_body_size:
+                            self._content_length(value)  # raises, with its message
+                        if len(sizes) < _MAX_CACHED_SIZES:
+                            sizes[value] = size
+                    else:
+                        size = self._content_length(value)
+                elif size > max_body_size:
+                    self._content_length(value)  # raises, with its message
                 body_end = body_start + size
                 if body_end < end_of_buffer:
                     if buffer[body_end] != 0:
@@ -452,6 +459,12 @@ class FrameParser:
 
 
 _new_headers = object.__new__
+
+#: Valid content-length values seen so far, with their values: a dict lookup instead of
+#: validating and converting the same few digits again for every frame. Bounded: once
+#: full, other values take the slower path.
+_CONTENT_LENGTHS: Final[dict[str, int]] = {}
+_MAX_CACHED_SIZES: Final = 1024
 
 
 class _FrameBuilder:

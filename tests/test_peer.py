@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import struct
 import sys
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -543,3 +544,89 @@ async def test_inline_close_reads_what_arrived_so_the_last_frame_is_not_reset() 
     assert received.startswith(b"ERROR\nmessage:bye\n")
     await client.aclose()
     await listeners[0].aclose()
+
+
+@asynccontextmanager
+async def tcp_pair() -> AsyncIterator[tuple[trio.SocketStream, trio.SocketStream]]:
+    """A connected loopback TCP pair: (server side, client side)."""
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+    client = await trio.open_tcp_stream("127.0.0.1", port)
+    server = await listeners[0].accept()
+    await listeners[0].aclose()
+    try:
+        yield server, client
+    finally:
+        await trio.aclose_forcefully(client)
+
+
+async def test_inline_socket_peer_writes_at_the_end_of_the_round() -> None:
+    # Write-through: what a round queued is written before trio next waits for I/O, in
+    # one write per peer; no writer task has to wake up and no coalescing rounds pass.
+    async with (
+        tcp_pair() as (server, client),
+        open_peer(server, reader_task=False, run_heart_beat_timer=False) as peer,
+    ):
+        for n in range(10):
+            peer.send_nowait(message(n))
+        size = peer.statistics().send_buffer_used
+        await trio.lowlevel.checkpoint()  # one scheduling round
+        stats = peer.statistics()
+        assert (stats.bytes_out, stats.send_buffer_used) == (size, 0)
+        remote = Remote(client)
+        assert await remote.frames(10) == [message(n) for n in range(10)]
+
+
+async def test_inline_socket_peer_writes_before_reading_again() -> None:
+    # The task that applied a batch writes what it queued when it asks for the next one.
+    async with (
+        tcp_pair() as (server, client),
+        open_peer(server, reader_task=False, run_heart_beat_timer=False) as peer,
+    ):
+        await client.send_all(serialize(message(1)))
+        assert await peer.receive() == message(1)
+        peer.send_nowait(message(2))
+        with trio.CancelScope() as scope:
+            scope.cancel()  # the receive gets no further than its first checkpoint...
+            await peer.receive()
+        assert peer.statistics().bytes_out == len(serialize(message(2)))  # ...it wrote first
+        assert await Remote(client).frames(1) == [message(2)]
+
+
+async def test_inline_socket_peer_hands_what_the_socket_refuses_to_the_writer() -> None:
+    # The other end does not read: the socket takes part of a big batch, the writer waits
+    # for room and writes the rest, in order, once the other end reads.
+    frames = [message(n, b"y" * 1000) for n in range(8000)]
+    async with (
+        tcp_pair() as (server, client),
+        open_peer(
+            server, reader_task=False, run_heart_beat_timer=False, max_send_buffer=16 << 20
+        ) as peer,
+    ):
+        for frame in frames:
+            peer.send_nowait(frame)
+        await trio.lowlevel.checkpoint()
+        assert 0 < peer.statistics().bytes_out < sum(len(serialize(f)) for f in frames)
+        remote = Remote(client)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(peer.flush)
+            assert await remote.frames(len(frames)) == frames
+        assert peer.statistics().send_buffer_used == 0
+
+
+async def test_inline_socket_peer_write_error_breaks_the_peer() -> None:
+    async with (
+        tcp_pair() as (server, client),
+        open_peer(server, reader_task=False, run_heart_beat_timer=False) as peer,
+    ):
+        # The other end goes away with a reset: our writes fail.
+        client.socket.setsockopt(
+            trio.socket.SOL_SOCKET, trio.socket.SO_LINGER, struct.pack("ii", 1, 0)
+        )
+        await client.aclose()
+        with pytest.raises(ConnectionLost):
+            for n in range(100):
+                await peer.send(message(n))
+                await trio.sleep(0.001)
+        with pytest.raises(ConnectionLost):
+            await peer.receive()

@@ -21,7 +21,23 @@ The hot path
   quarter of ``max_send_buffer`` are pending) before writing; a lone frame costs two extra
   rounds. Only the writer ever calls ``send_all``: a cancelled or failed write may have written
   part of a frame, so it breaks the peer (:class:`ConnectionLost` on every later send) instead
-  of leaving it half-written.
+  of leaving it half-written. A broker's peers write through instead (below).
+
+Write-through (inline reading over a TCP socket, the broker's mode)
+-------------------------------------------------------------------
+A broker's session applies a whole batch synchronously, so everything a round queued is known
+when the round ends: waking a writer task and letting rounds pass (each with an ``epoll``) only
+adds latency to a request/reply round trip and CPU to every message. So a peer with
+``reader_task=False`` over a ``trio.SocketStream`` (not on Windows) is written through: sending
+only lists the peer (no wake-up), and the listed peers' bytes are written with one
+non-blocking ``os.write`` each, by the receiving task before it reads again (its batch's
+replies go out first) or, at the latest, at the end of the scheduling round (a
+``trio.abc.Instrument``'s ``before_io_wait``, installed once per run: heart-beats, receipts
+and deliveries queued by other tasks). Whatever the socket does not take (it is full, the
+other end is slow) is handed to the writer task, which waits for room and writes it with
+``send_all``, in order; while the writer has a write in flight, queued bytes wait for it. The
+byte bound and back-pressure are the same as with the writer. A write error breaks the peer
+like a failed ``send_all``. A write cannot be cancelled, so it never leaves half a frame.
 
 Bounds and back-pressure
 ------------------------
@@ -76,6 +92,8 @@ from __future__ import annotations
 
 import copy
 import math
+import os
+import sys
 from collections import deque
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -150,6 +168,11 @@ class Peer:
     _written_total: int
     _writing: bool
     _writer_wake: trio.Event
+    # write-through (inline reading over a socket): the socket, and the run's list of peers
+    # to write when the applying task reads again (None: no write-through)
+    _socket: trio.socket.SocketType | None
+    _end_of_round: _EndOfRound | None
+    _listed: bool
     # Made only when a task has to wait (most connections never do: less memory).
     _space: trio.Event | None
     _progress: trio.Event | None
@@ -212,6 +235,12 @@ class Peer:
         self._written_total = 0
         self._writing = False
         self._writer_wake = trio.Event()
+        self._socket = None
+        self._end_of_round = None
+        self._listed = False
+        if not reader_task and isinstance(stream, trio.SocketStream) and sys.platform != "win32":
+            self._socket = stream.socket
+            self._end_of_round = _end_of_round()
         self._space = None
         self._progress = None
         self._send_error = None
@@ -302,7 +331,11 @@ class Peer:
         self._pending_bytes += n
         self._enqueued_total += n
         self._frames_out += frames
-        self._writer_wake.set()
+        if self._end_of_round is None:
+            self._writer_wake.set()
+        elif not self._listed:
+            self._listed = True
+            self._end_of_round.peers.append(self)
 
     async def send(self, frame: Frame) -> None:
         """Serialize ``frame`` for the current version and queue it for writing.
@@ -361,7 +394,11 @@ class Peer:
         self._pending_bytes += n
         self._enqueued_total += n
         self._frames_out += frames
-        self._writer_wake.set()
+        if self._end_of_round is None:
+            self._writer_wake.set()
+        elif not self._listed:
+            self._listed = True
+            self._end_of_round.peers.append(self)
 
     async def flush(self) -> None:
         """Wait until every byte queued before this call was handed to the stream.
@@ -411,6 +448,8 @@ class Peer:
                         break
                 else:
                     quiet = 0
+            if not self._pending:
+                continue  # written through meanwhile
             pending = self._pending
             data = pending[0] if len(pending) == 1 else b"".join(pending)
             n = self._pending_bytes
@@ -437,13 +476,59 @@ class Peer:
                 if not written:
                     # Cancelled mid-write: part of a frame may be on the wire.
                     self._break_send(ConnectionLost("connection closed while writing"), None)
-            self._written_total += n
-            self._bytes_out += n
-            self._last_sent = trio.current_time()
-            progress = self._progress
-            if progress is not None:
-                self._progress = None
-                progress.set()
+            self._wrote(n)
+
+    def _wrote(self, n: int) -> None:
+        self._written_total += n
+        self._bytes_out += n
+        self._last_sent = trio.current_time()
+        progress = self._progress
+        if progress is not None:
+            self._progress = None
+            progress.set()
+
+    def _write_through(self) -> bool:
+        """Write what is queued now, with one non-blocking write; what the socket does not
+        take is left to the writer. Never blocks. Returns True if it woke a task."""
+        self._listed = False
+        pending = self._pending
+        if not pending or self._writing or self._send_error is not None:
+            # Nothing to do, or the writer takes it after its current write.
+            return False
+        assert self._socket is not None
+        fd = self._socket.fileno()
+        if fd < 0:
+            return False
+        data = pending[0] if len(pending) == 1 else b"".join(pending)
+        try:
+            n = os.write(fd, data)
+        except BlockingIOError:
+            n = 0
+        except OSError as exc:
+            error = _lost(exc)
+            error.__cause__ = exc
+            self._die(error)
+            return True
+        woke = False
+        if n == len(data):
+            self._pending = []
+            self._pending_bytes = 0
+        else:
+            # The socket is full: the writer waits until it can take the rest.
+            self._pending = [data[n:]]
+            self._pending_bytes -= n
+            self._writer_wake.set()
+            woke = True
+        if n:
+            space = self._space
+            if space is not None:
+                self._space = None
+                space.set()
+                woke = True
+            if self._progress is not None:
+                woke = True
+            self._wrote(n)
+        return woke
 
     def _break_send(self, error: StompError, cause: BaseException | None) -> None:
         if self._send_error is None:
@@ -517,6 +602,10 @@ class Peer:
         least one frame. Cancellation-atomic: ``receive_some`` loses nothing when
         cancelled, and parsing does not await."""
         stream = self._stream
+        end_of_round = self._end_of_round
+        if end_of_round is not None and end_of_round.peers:
+            # Write what the last batch queued before reading, not after.
+            end_of_round.write()
         # The silence before this call was ours (see "Inline reading").
         self._last_received = max(self._last_received, trio.current_time())
         while True:
@@ -769,6 +858,50 @@ class Peer:
                     pass
             else:
                 await trio.aclose_forcefully(self._stream)
+
+
+class _EndOfRound(trio.abc.Instrument):
+    """Write-through: at the end of each scheduling round (trio's ``before_io_wait``), write
+    what each listed peer queued during the round (see "Write-through")."""
+
+    __slots__ = ("_token", "peers")
+
+    def __init__(self) -> None:
+        #: Peers with bytes queued this round; each listed at most once, cleared each round.
+        self.peers: list[Peer] = []
+        self._token = trio.lowlevel.current_trio_token()
+
+    def write(self) -> bool:
+        """Write every listed peer's queued bytes; True if that woke a task."""
+        woke = False
+        for peer in self.peers:
+            if peer._write_through():
+                woke = True
+        self.peers.clear()
+        return woke
+
+    def before_io_wait(self, timeout: float) -> None:
+        if self.peers and self.write() and timeout > 0:
+            # A task we woke is runnable, but trio computed this wait's timeout before us:
+            # make the wait return at once.
+            self._token.run_sync_soon(_nothing)
+
+
+def _nothing() -> None:
+    pass
+
+
+_END_OF_ROUND: trio.lowlevel.RunVar[_EndOfRound] = trio.lowlevel.RunVar("trio_stomp_end_of_round")
+
+
+def _end_of_round() -> _EndOfRound:
+    try:
+        return _END_OF_ROUND.get()
+    except LookupError:
+        instrument = _EndOfRound()
+        trio.lowlevel.add_instrument(instrument)
+        _END_OF_ROUND.set(instrument)
+        return instrument
 
 
 async def _cancel(scope: trio.CancelScope) -> None:

@@ -630,3 +630,37 @@ async def test_inline_socket_peer_write_error_breaks_the_peer() -> None:
                 await trio.sleep(0.001)
         with pytest.raises(ConnectionLost):
             await peer.receive()
+
+
+async def test_inline_socket_watchdog_ends_a_pending_read(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # A TCP peer reads without a cancel scope per read: the watchdog wakes the wait.
+    async with (
+        tcp_pair() as (server, _client),
+        open_peer(server, reader_task=False, run_heart_beat_timer=False) as peer,
+        trio.open_nursery() as nursery,
+    ):
+        peer.set_heart_beat(0, 1000)
+        nursery.start_soon(_ticker, peer)
+        start = trio.current_time()
+        with pytest.raises(HeartbeatTimeout, match="no heart-beat"):
+            await peer.receive()
+        assert trio.current_time() - start == pytest.approx(2.0)
+        with pytest.raises(HeartbeatTimeout):
+            await peer.receive()
+
+
+async def test_inline_socket_cancelled_read_loses_nothing() -> None:
+    async with (
+        tcp_pair() as (server, client),
+        open_peer(server, reader_task=False, run_heart_beat_timer=False) as peer,
+    ):
+        with trio.move_on_after(0.01) as scope:
+            await peer.receive()
+        assert scope.cancelled_caught
+        await client.send_all(serialize(message(1)))
+        assert await peer.receive() == message(1)
+        await client.aclose()
+        with pytest.raises(ConnectionLost, match="peer closed the connection"):
+            await peer.receive()

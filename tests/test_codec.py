@@ -473,3 +473,31 @@ def test_crlf_head_followed_by_a_body_holding_blank_lines() -> None:
     assert isinstance(frame, Frame)
     assert frame.headers.raw == (("a", "b"),)
     assert frame.body == b"body\n\nmore\r\n\r\n"
+
+
+def test_frames_with_the_same_head_share_one_decode_and_stay_correct() -> None:
+    from trio_stomp import _frames
+
+    head = b"SEND\ndestination:/queue/shared-decode\nx:1\nx:2\ncontent-length:1\n\n"
+    first, second = FrameParser().feed(head + b"a\0" + head + b"b\0")
+    assert isinstance(first, Frame) and isinstance(second, Frame)
+    assert first.headers["x"] == "1"  # decoded: first value wins
+    assert second.headers.raw == (
+        ("destination", "/queue/shared-decode"),
+        ("x", "1"),
+        ("x", "2"),
+        ("content-length", "1"),
+    )
+    assert second.headers.first is first.headers.first  # shared, not decoded again
+    assert (first.body, second.body) == (b"a", b"b")
+    # A bad head is never remembered: it fails for every frame that has it.
+    for _ in range(2):
+        (bad,) = FrameParser().feed(b"SEND\ndestination:/queue/q\nno-colon\n\n\0")
+        assert isinstance(bad, Frame)
+        with pytest.raises(RemoteProtocolError, match="without a colon"):
+            bad.headers.raw  # noqa: B018 - decoding is what raises
+    # Bounded, however many distinct heads arrive.
+    for n in range(_frames._DECODED_MAX_ENTRIES * 3):
+        (frame,) = FrameParser().feed(b"ACK\nid:%d\n\n\0" % n)
+        assert isinstance(frame, Frame) and frame.headers.first == {"id": str(n)}
+    assert len(_frames._DECODED) <= _frames._DECODED_MAX_ENTRIES

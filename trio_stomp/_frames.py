@@ -131,8 +131,16 @@ class Headers(Mapping[str, str]):
     def _decode(self) -> dict[str, str]:
         block = self._block
         assert block is not None
+        decoded = _DECODED.get(block)
+        if decoded is not None:
+            # The same head as a recent frame (a producer repeats its headers): share the
+            # decoded pairs and dict, which are never mutated.
+            self._raw, first = decoded
+            self._first = first
+            self._block = None
+            return first
         raw = []
-        first: dict[str, str] = {}
+        first = {}
         lines = block.split("\n")
         del lines[0]  # the command line
         for line in lines:
@@ -142,9 +150,13 @@ class Headers(Mapping[str, str]):
             raw.append((name, value))
             if name not in first:
                 first[name] = value
-        self._raw = tuple(raw)
+        self._raw = pairs = tuple(raw)
         self._first = first
         self._block = None
+        if len(block) <= _DECODED_MAX_HEAD:
+            if len(_DECODED) >= _DECODED_MAX_ENTRIES:
+                _DECODED.clear()  # bounded; heads that never repeat (receipts) churn it
+            _DECODED[block] = (pairs, first)
         return first
 
     @property
@@ -215,6 +227,13 @@ class Headers(Mapping[str, str]):
     def __repr__(self) -> str:
         return f"Headers({list(self.raw)!r})"
 
+
+#: Recently decoded heads -> (pairs, first values): frames with the same head (a producer
+#: sending to one destination with the same headers) share one decode. Bounded in entries
+#: and in the length of a head worth remembering.
+_DECODED: dict[str, tuple[tuple[tuple[str, str], ...], dict[str, str]]] = {}
+_DECODED_MAX_ENTRIES: Final = 256
+_DECODED_MAX_HEAD: Final = 512
 
 HeadersLike = Union[Headers, Mapping[str, str], Iterable[tuple[str, str]]]
 

@@ -477,6 +477,24 @@ class Router:
           RemoteProtocolError: the version's ack header is missing (1.2 ``id``, 1.0/1.1
             ``message-id``), or an unknown ``transaction``.
         """
+        first = frame.headers.first
+        if connection.version == "1.2" and "transaction" not in first:
+            # The common case, straight: one client-individual delivery acknowledged.
+            key = first.get("id", "")
+            subscription = connection.ack_index.get(key)
+            if subscription is not None and subscription.ack_mode == "client-individual":
+                # The ledger and the index hold the same keys (Subscription.offer, settle).
+                message = subscription.unacked.pop(key)
+                del connection.ack_index[key]
+                counters = self.counters
+                counters.unacked -= 1
+                counters.acked += 1
+                if message.store_key is not None:
+                    self._forget(message)
+                destination = subscription.destination
+                if isinstance(destination, Queue) and destination.messages:
+                    destination.dispatch()
+                return
         self._ack_or_nack(connection, frame, nack=False)
 
     def nack(self, connection: Connection, frame: Frame) -> None:

@@ -20,14 +20,14 @@ broker's passthrough). It takes about a minute and a half.
 from __future__ import annotations
 
 import argparse
-import re
-import subprocess
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from _callgrind import instructions_per_item  # beside this script
 
 from trio_stomp import Frame, FrameParser, serialize
 
@@ -82,29 +82,9 @@ def callgrind_child(mode: str, count: int) -> None:
 def callgrind_per_frame(mode: str, count: int) -> float:
     """Instructions per frame: callgrind totals for ``2 * count`` and ``count`` frames,
     differenced (each run in a fresh interpreter under valgrind)."""
-    totals = []
-    for n in (count, 2 * count):
-        result = subprocess.run(
-            [
-                "valgrind",
-                "--tool=callgrind",
-                "--callgrind-out-file=/dev/null",
-                sys.executable,
-                __file__,
-                "--callgrind-child",
-                mode,
-                "--frames",
-                str(n),
-            ],
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        match = re.search(r"Collected : (\d+)", result.stderr)
-        if match is None:
-            raise RuntimeError(f"no callgrind total in:\n{result.stderr[-2000:]}")
-        totals.append(int(match.group(1)))
-    return (totals[1] - totals[0]) / count
+    return instructions_per_item(
+        lambda n: [__file__, "--callgrind-child", mode, "--frames", str(n)], count
+    )
 
 
 def main() -> None:

@@ -28,8 +28,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import re
-import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -38,6 +36,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import trio
+from _callgrind import instructions_per_item  # beside this script
 
 from trio_stomp._codec import FrameParser
 from trio_stomp._frames import Frame
@@ -160,30 +159,9 @@ async def run_once(scenario: str, count: int) -> float:
 def callgrind_instructions(scenario: str, count: int) -> float:
     """Instructions per message: callgrind totals for ``2 * count`` and ``count``
     messages, differenced."""
-    totals = []
-    for n in (count, 2 * count):
-        result = subprocess.run(
-            [
-                "valgrind",
-                "--tool=callgrind",
-                "--callgrind-out-file=/dev/null",
-                sys.executable,
-                __file__,
-                scenario,
-                "--count",
-                str(n),
-                "--repeat",
-                "1",
-            ],
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        match = re.search(r"Collected : (\d+)", result.stderr)
-        if match is None:
-            raise RuntimeError(f"no callgrind total in:\n{result.stderr[-2000:]}")
-        totals.append(int(match.group(1)))
-    return (totals[1] - totals[0]) / count
+    return instructions_per_item(
+        lambda n: [__file__, scenario, "--count", str(n), "--repeat", "1"], count
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -344,11 +344,8 @@ class Connection:
         self.client_id: str | None = None
         # The authenticated principal's name, stamped as user-id on what it sends.
         self.user_id: str | None = None
+        # The last 1.2 ack id handed out (Subscription.offer counts up).
         self._ack_counter = 0
-
-    def next_ack_id(self) -> str:
-        self._ack_counter += 1
-        return str(self._ack_counter)
 
     def __repr__(self) -> str:
         return f"<Connection {self.session_id} {self.version}>"
@@ -388,15 +385,6 @@ class Subscription:
         self.prefix = subscription_prefix(subscription_id, connection.version)
         self.unacked: dict[str, Message] = {}
 
-    @property
-    def has_credit(self) -> bool:
-        """True when the subscription may take one more message right now."""
-        return (
-            self.connection.alive
-            and self.connection.writable
-            and (self.ack_mode == "auto" or len(self.unacked) < self.prefetch)
-        )
-
     def offer(self, message: Message, counters: CoreCounters, redelivered: bool) -> bool:
         """Write ``message`` to the connection; record it in the ledger unless auto-acked.
 
@@ -409,7 +397,7 @@ class Subscription:
         if auto:
             head = self.prefix
         elif version == "1.2":
-            connection._ack_counter += 1  # Connection.next_ack_id, inlined
+            connection._ack_counter += 1
             key = str(connection._ack_counter)
             head = b"%sack:%s\n" % (self.prefix, key.encode())
         else:
@@ -576,7 +564,7 @@ class Queue:
                     or len(subscription.unacked) < subscription.prefetch
                 )
             ):
-                continue  # no credit (Subscription.has_credit, inlined)
+                continue  # no credit
             if subscription.offer(message, self._counters, message.redelivered):
                 self._next = index + 1
                 if message.store_key is not None and self.hooks is not None:

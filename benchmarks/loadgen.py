@@ -1024,10 +1024,12 @@ def run_request_reply(
     meter = _Meter(target.pid)
     meter.start()
     shared.go.set()
-    results = _collect(shared, procs[1:], timeout=timeout + 10)
+    # Every worker's result is read before any worker is joined: a requester's result (its
+    # round-trip times) is larger than a pipe holds, so it cannot exit until it is read,
+    # and terminating it half-written would leave the queue unreadable.
+    results = _collect(shared, procs, timeout=timeout + 10)
     broker_cpu, main_cpu = meter.stop()
     shared.stop.set()
-    results += _collect(shared, procs[:1], timeout=10)
     errors = list(failed)
     rtts: list[int] = []
     lost = dups = reorders = 0

@@ -609,3 +609,45 @@ def test_message_wire_matches_the_codec_for_every_version(
         assert b"MESSAGE\n" + message.wire(version) == expected
         # cached: the same object every time
         assert message.wire(version) is message.wire(version)
+
+
+@pytest.mark.parametrize(
+    ("destination", "extra"),
+    [
+        ("/queue/plan", b""),
+        ("/queue/plan", b"content-type:text/plain\nx-id:7\n"),
+        ("/topic/plan", b"x-colon:a:b\n"),  # a value the MESSAGE must escape (1.1, 1.2)
+    ],
+)
+@pytest.mark.parametrize("version", ["1.0", "1.2"])
+def test_a_repeated_send_head_is_routed_exactly_as_a_fresh_one(
+    destination: str, extra: bytes, version: str
+) -> None:
+    """Frames with the same head take the router's SendPlan; what they deliver must be
+    what hand-made frames (never planned) deliver, message-id aside."""
+    bodies_sent = [b"one", b"two", b"six", b"three", b"\0bin"]
+
+    def deliveries(parsed: bool) -> list[tuple[tuple[tuple[str, str], ...], bytes]]:
+        router = Router()
+        producer, _ = connect(router, "p")
+        producer.user_id = "alice"
+        consumer, sink = connect(router, "c", version)
+        sub(router, consumer, destination, "s")
+        head = b"SEND\ndestination:%s\n%scontent-length:%%d\n\n" % (destination.encode(), extra)
+        wire = b"".join(head % len(body) + body + b"\0" for body in bodies_sent)
+        frames = [f for f in FrameParser().feed(wire) if isinstance(f, Frame)]
+        for frame in frames:
+            if not parsed:
+                frame = Frame(frame.command, list(frame.headers.raw), frame.body)
+            router.send(producer, frame)
+        if parsed and b":a:b" not in extra:
+            assert producer.send_plan is not None  # the repeated heads took the plan
+        return [
+            (tuple(pair for pair in msg.headers.raw if pair[0] != "message-id"), msg.body)
+            for msg in sink.take()
+        ]
+
+    planned, fresh = deliveries(parsed=True), deliveries(parsed=False)
+    assert [body for _, body in planned] == bodies_sent
+    assert planned == fresh
+    assert all(("user-id", "alice") in headers for headers, _ in planned)

@@ -252,30 +252,41 @@ def _plain_tail(message: Message) -> bytes | None:
     """The frame tail ``serialize`` would write, when no header needs escaping in any
     version (the common case: a few searches instead of a regex search per header);
     else None."""
-    names = message.message_id + message.destination
-    if "\\" in names or ":" in names or "\n" in names or "\r" in names:
+    middle = plain_middle(message.destination, message.sender_headers)
+    if middle is None or not _is_plain(message.message_id):
         return None
-    sender = message.sender_headers
-    body = message.body
-    if sender:
-        text = "\n".join(map(":".join, sender))
-        if (
-            "\\" in text
-            or "\r" in text
-            or text.count(":") != len(sender)
-            or text.count("\n") != len(sender) - 1
-        ):
-            return None
-        head = (
-            f"message-id:{message.message_id}\ndestination:{message.destination}\n{text}\n"
-            f"content-length:{len(body)}\n\n"
-        )
-    else:
-        head = (
-            f"message-id:{message.message_id}\ndestination:{message.destination}\n"
-            f"content-length:{len(body)}\n\n"
-        )
-    return b"".join((head.encode("utf-8"), body, b"\0"))
+    return plain_tail(message.message_id, middle, message.body)
+
+
+def plain_middle(destination: str, sender_headers: tuple[tuple[str, str], ...]) -> bytes | None:
+    """The bytes of a MESSAGE tail between its ``message-id`` value and its
+    ``content-length`` value (``\ndestination:...`` up to ``content-length:``), when
+    neither the destination nor a sender's header needs escaping in any version; else
+    None. A router can make it once for many messages with the same headers."""
+    if not _is_plain(destination):
+        return None
+    if not sender_headers:
+        return f"\ndestination:{destination}\ncontent-length:".encode()
+    text = "\n".join(map(":".join, sender_headers))
+    if (
+        "\\" in text
+        or "\r" in text
+        or text.count(":") != len(sender_headers)
+        or text.count("\n") != len(sender_headers) - 1
+    ):
+        return None
+    return f"\ndestination:{destination}\n{text}\ncontent-length:".encode()
+
+
+def plain_tail(message_id: str, middle: bytes, body: bytes) -> bytes:
+    """The MESSAGE tail from a plain ``message_id``, a :func:`plain_middle` and the body."""
+    return b"".join(
+        (b"message-id:", message_id.encode(), middle, b"%d\n\n" % len(body), body, b"\0")
+    )
+
+
+def _is_plain(value: str) -> bool:
+    return not ("\\" in value or ":" in value or "\n" in value or "\r" in value)
 
 
 def _encodable(headers: tuple[tuple[str, str], ...], version: str) -> tuple[tuple[str, str], ...]:
@@ -299,6 +310,26 @@ def subscription_prefix(subscription_id: str, version: str) -> bytes:
     return data[:-2]  # drop the blank line and the NUL: more header lines follow
 
 
+class SendPlan:
+    """What a SEND head means, worked out once for the frames that repeat it: the
+    sender's headers to pass through and the MESSAGE bytes between message-id and
+    content-length (None when they need escaping). Only for heads without ``expires``,
+    ``reply-to``, ``persistent`` or ``transaction`` and with no per-destination settings
+    (each of those depends on more than the head)."""
+
+    __slots__ = ("first", "middle", "passthrough")
+
+    def __init__(
+        self,
+        first: dict[str, str],
+        passthrough: tuple[tuple[str, str], ...],
+        middle: bytes | None,
+    ) -> None:
+        self.first = first  # the head's decoded dict, shared by frames with that head
+        self.passthrough = passthrough
+        self.middle = middle
+
+
 class Connection:
     """The routing core's view of one client connection.
 
@@ -317,6 +348,7 @@ class Connection:
         "ack_index",
         "alive",
         "client_id",
+        "send_plan",
         "session_id",
         "sink",
         "subscriptions",
@@ -344,6 +376,9 @@ class Connection:
         self.client_id: str | None = None
         # The authenticated principal's name, stamped as user-id on what it sends.
         self.user_id: str | None = None
+        # What the router worked out for this connection's last plain SEND head (see
+        # Router._publish); None until then.
+        self.send_plan: SendPlan | None = None
         # The last 1.2 ack id handed out (Subscription.offer counts up).
         self._ack_counter = 0
 

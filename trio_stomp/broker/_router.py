@@ -49,9 +49,12 @@ from ._destinations import (
     Journal,
     Message,
     Queue,
+    SendPlan,
     Sink,
     Subscription,
     Topic,
+    plain_middle,
+    plain_tail,
     subscription_prefix,
 )
 
@@ -322,6 +325,20 @@ class Router:
             return
         headers = frame.headers
         first = headers.first
+        plan = connection.send_plan
+        if plan is not None and plan.first is first and target is not None:
+            # The same head as this connection's last plain SEND (the decode cache hands
+            # out one dict per head): no expiry, settings or persistence to work out.
+            self._message_counter += 1
+            message_id = f"{self._id_prefix}{self._message_counter}"
+            message = Message(message_id, target.name, plan.passthrough, frame.body)
+            if plan.middle is not None:
+                message._plain = plain_tail(message_id, plan.middle, frame.body)
+            if durables:
+                for durable in durables:
+                    self._publish_durable(durable, message, False)
+            target.publish(message)
+            return
         expires = _expires(first) if "expires" in first else 0  # before any state changes
         passthrough = [pair for pair in headers.raw if pair[0] not in RESERVED_HEADERS]
         if "reply-to" in first:
@@ -355,6 +372,18 @@ class Router:
             if target is None:
                 return
         assert target is not None
+        if (
+            target.name == name
+            and self._settings_for is None
+            and "expires" not in first
+            and "reply-to" not in first
+            and "persistent" not in first
+            and "receipt" not in first  # a receipt id makes the head unique: never repeats
+        ):
+            # Frames repeating this head can skip the work above (see SendPlan).
+            connection.send_plan = SendPlan(
+                first, message.sender_headers, plain_middle(name, message.sender_headers)
+            )
         if persistent and isinstance(target, Queue) and target.owner is None:
             assert self.journal is not None
             message.store_key = self.journal.put(

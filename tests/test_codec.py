@@ -501,3 +501,86 @@ def test_frames_with_the_same_head_share_one_decode_and_stay_correct() -> None:
         (frame,) = FrameParser().feed(b"ACK\nid:%d\n\n\0" % n)
         assert isinstance(frame, Frame) and frame.headers.first == {"id": str(n)}
     assert len(_frames._DECODED) <= _frames._DECODED_MAX_ENTRIES
+
+
+# ---------------------------------------------------------------- repeated heads
+# The parser remembers the last head it took the fast path for and reuses what it derived
+# from it when the next head is byte-identical: the results must not tell the difference.
+
+
+def _send(destination: bytes, body: bytes, eol: bytes = b"\n") -> bytes:
+    return (
+        b"SEND" + eol + b"destination:" + destination + eol
+        + b"content-length:%d" % len(body) + eol + eol + body + b"\x00"
+    )  # fmt: skip
+
+
+def _fresh(data: bytes, version: str = "1.2") -> list[Event]:
+    """Parse each frame of ``data`` with a parser of its own: nothing to remember."""
+    events: list[Event] = []
+    while data:
+        parser = FrameParser(version)
+        events += parser.feed(data.split(b"\x00", 1)[0] + b"\x00")
+        data = data.split(b"\x00", 1)[1]
+    return events
+
+
+def test_repeated_heads_parse_like_fresh_ones() -> None:
+    data = b"".join(
+        [
+            _send(b"/queue/a", b"x" * 10),
+            _send(b"/queue/a", b"y" * 10),
+            _send(b"/queue/a", b"z" * 10),
+            _send(b"/queue/a", b"longer body"),  # same destination, new content-length
+            _send(b"/queue/b", b"longer body"),  # same content-length, new destination
+            _send(b"/queue/a", b"x" * 10),  # back to the first head
+            _send(b"/queue/a", b"x" * 10, eol=b"\r\n"),  # the same head with CRLFs
+            _send(b"/queue/a", b"x" * 10, eol=b"\r\n"),
+            b"SEND\ndestination:/queue/a\n\nno length\x00",  # no content-length: up to NUL
+            b"SEND\ndestination:/queue/a\n\nno length either\x00",
+            _send(b"/queue/a", b"x" * 10),
+        ]
+    )
+    expected = _fresh(data)
+    assert len(expected) == 11
+    assert parse_all_ways(data) == expected
+    for size in (7, 50, 64):  # repeats split across feeds at different places
+        parser = FrameParser()
+        events: list[Event] = []
+        for i in range(0, len(data), size):
+            events += parser.feed(data[i : i + size])
+        assert events == expected
+    for got, want in zip(frames(parse_all_ways(data)), frames(expected), strict=True):
+        assert got.headers.raw == want.headers.raw
+        assert got.body == want.body
+    first, second = frames(feed_whole(data))[:2]
+    assert first.headers is not second.headers  # each frame has its own Headers
+
+
+def test_repeated_head_still_needs_its_nul() -> None:
+    good = _send(b"/queue/a", b"x" * 10)
+    fails_all_ways(good + good[:-1] + b"!", "not followed by a NUL")
+
+
+def test_repeated_head_still_meets_the_body_limit() -> None:
+    frame = _send(b"/queue/a", b"x" * 100)
+    parser = FrameParser()
+    assert len(parser.feed(frame)) == 1
+    parser.max_body_size = 50
+    with pytest.raises(RemoteProtocolError, match="content-length 100 exceeds the maximum body"):
+        parser.feed(frame)
+
+
+def test_repeated_head_follows_a_version_change() -> None:
+    frame = b"MESSAGE\na:x\\cy\n\n\x00"
+    parser = FrameParser("1.0")
+    (before,) = frames(parser.feed(frame))
+    parser.version = "1.2"
+    (after,) = frames(parser.feed(frame))
+    assert before.headers["a"] == "x\\cy"
+    assert after.headers["a"] == "x:y"
+    plain = b"SEND\ndestination:/queue/a\n\n\x00"
+    parser = FrameParser("1.0")
+    assert frames(parser.feed(plain)) == frames(_fresh(plain, "1.0"))
+    parser.version = "1.2"
+    assert frames(parser.feed(plain)) == frames(_fresh(plain))

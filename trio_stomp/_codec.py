@@ -12,7 +12,9 @@ that leftover with the new chunk once, then walks the buffer by slicing:
 
 1. bare EOLs (LF or CRLF) between frames are heart-beats;
 2. the *head* (command line and header lines) ends at the first blank line: one ``find``
-   for ``\\n\\n`` (and ``\\n\\r\\n`` when the chunk holds a CR at all);
+   for ``\\n\\n`` (and ``\\n\\r\\n`` when the chunk holds a CR at all); a head
+   byte-identical to the last plain one (a producer repeats its head) reuses what was
+   derived from it (command, head text, content-length) instead of decoding it again;
 3. the body is exactly ``content-length`` octets followed by a NUL when that header is
    present (NULs inside are data), otherwise everything up to the first NUL.
 
@@ -142,6 +144,17 @@ class FrameParser:
         # A head no longer than this cannot break the line or header-count limits (each
         # header line takes at least two characters), so the fast path skips those checks.
         self._small_head = min(max_line_length, 2 * max_headers)
+        # The last head the fast path took: its raw bytes (command line to the blank line,
+        # exclusive), and what was derived from them: the head text, the command and the
+        # content-length (-1: none). A producer repeats its head frame after frame; one
+        # bytes comparison then replaces decoding, partitioning and validating it again.
+        # Only fast-path heads are remembered: they hold no backslash, so nothing derived
+        # depends on the version, and they are known to be within the line and header
+        # limits (which are fixed at construction).
+        self._last_head = b""
+        self._last_text = ""
+        self._last_command = ""
+        self._last_size = -1
         self._broken: str | None = None
         self._eof = False
 
@@ -261,6 +274,10 @@ class FrameParser:
         small_head = self._small_head
         max_body_size = self.max_body_size
         sizes = _CONTENT_LENGTHS
+        last_head = self._last_head
+        last_text = self._last_text
+        last_command = self._last_command
+        last_size = self._last_size
         while pos < end_of_buffer:
             # Heart-beats: bare EOLs between frames.
             byte = buffer[pos]
@@ -292,37 +309,55 @@ class FrameParser:
             if head_end < 0:
                 self._check_incomplete_head(buffer, pos)
                 break
-            text = buffer[pos:head_end].decode()
-            if has_cr and "\r" in text:
-                text = text.replace("\r\n", "\n")
-                if text.endswith("\r"):
-                    text = text[:-1]
-            command = text.partition("\n")[0]
-            if command in known and head_end - pos <= small_head and "\\" not in text:
+            head = buffer[pos:head_end]
+            if head == last_head and last_size <= max_body_size:
+                # The same head as the last frame: the same text, command and size.
+                command = last_command
                 headers = _new_headers(Headers)
                 headers._raw = None
                 headers._first = None
-                headers._block = text
+                headers._block = last_text
+                size = last_size
             else:
-                headers = self._parse_head(text, command)
+                text = head.decode()
+                if has_cr and "\r" in text:
+                    text = text.replace("\r\n", "\n")
+                    if text.endswith("\r"):
+                        text = text[:-1]
+                command = text.partition("\n")[0]
+                fast = command in known and head_end - pos <= small_head and "\\" not in text
+                if fast:
+                    headers = _new_headers(Headers)
+                    headers._raw = None
+                    headers._first = None
+                    headers._block = text
+                else:
+                    headers = self._parse_head(text, command)
+                size = -1
+                _, found, value = text.partition("\ncontent-length:")
+                if found:
+                    value = value.partition("\n")[0]
+                    size = sizes.get(value, -1)
+                    if size < 0:
+                        if 0 < len(value) < 10 and value.isdigit() and value.isascii():
+                            # Inline fast path of _content_length: a few ASCII digits.
+                            size = int(value)
+                            if size > max_body_size:
+                                self._content_length(value)  # raises, with its message
+                            if len(sizes) < _MAX_CACHED_SIZES:
+                                sizes[value] = size
+                        else:
+                            size = self._content_length(value)
+                    elif size > max_body_size:
+                        self._content_length(value)  # raises, with its message
+                if fast:
+                    self._last_head = last_head = head
+                    self._last_text = last_text = text
+                    self._last_command = last_command = command
+                    self._last_size = last_size = size
             body_start = head_end + separator
 
-            _, found, value = text.partition("\ncontent-length:")
-            if found:
-                value = value.partition("\n")[0]
-                size = sizes.get(value, -1)
-                if size < 0:
-                    if 0 < len(value) < 10 and value.isdigit() and value.isascii():
-                        # Inline fast path of _content_length: a few ASCII digits.
-                        size = int(value)
-                        if size > max_body_size:
-                            self._content_length(value)  # raises, with its message
-                        if len(sizes) < _MAX_CACHED_SIZES:
-                            sizes[value] = size
-                    else:
-                        size = self._content_length(value)
-                elif size > max_body_size:
-                    self._content_length(value)  # raises, with its message
+            if size >= 0:
                 body_end = body_start + size
                 if body_end < end_of_buffer:
                     if buffer[body_end] != 0:

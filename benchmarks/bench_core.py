@@ -166,7 +166,7 @@ def callgrind_instructions(scenario: str, count: int) -> float:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("scenario", nargs="*", choices=(*SCENARIOS, []), default=[])
+    parser.add_argument("scenario", nargs="*", help=f"any of {', '.join(SCENARIOS)} (all)")
     parser.add_argument("--count", type=int, default=100_000)
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument(
@@ -175,6 +175,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="count instructions per message under valgrind (--count defaults to 5,000)",
     )
     args = parser.parse_args(argv)
+    unknown = sorted(set(args.scenario) - set(SCENARIOS))
+    if unknown:
+        parser.error(f"unknown scenario {', '.join(unknown)}; choose from {', '.join(SCENARIOS)}")
     scenarios = args.scenario or list(SCENARIOS)
     logging.disable(logging.WARNING)  # the anonymous-access warning, once per run
     for scenario in scenarios:

@@ -41,6 +41,7 @@ import resource
 import select
 import selectors
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -67,6 +68,11 @@ RECV_SIZE = 256 * 1024
 TAG_SIZE = 16
 #: Nothing a worker waits for (connect, subscribe, go) may take longer than this.
 SETUP_TIMEOUT = 60.0
+#: How long one blocking ``recv`` waits before a reader looks at its deadline again. It is
+#: set once on the socket (``SO_RCVTIMEO``), so a read is a single ``recv`` system call: a
+#: Python socket timeout would add a ``poll`` and two mode switches to every read, latency
+#: that the broker under test does not cause (a request/reply round trip reads twice).
+READ_SLICE_US = 100_000
 #: How often the main process looks at the workers' progress.
 POLL_INTERVAL = 0.005
 
@@ -271,10 +277,15 @@ class RawConnection:
     ) -> RawConnection:
         sock = socket.create_connection((target.host, target.port), timeout=timeout)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.settimeout(None)
+        sock.setsockopt(
+            socket.SOL_SOCKET,
+            socket.SO_RCVTIMEO,
+            struct.pack("ll", READ_SLICE_US // 1_000_000, READ_SLICE_US % 1_000_000),
+        )
         conn = cls(sock)
         conn.send(conn.connect_frame(target, heart_beat))
         conn.connected_head = conn.expect(b"CONNECTED", time.monotonic() + timeout)[0]
-        sock.settimeout(None)
         return conn
 
     @staticmethod
@@ -288,20 +299,20 @@ class RawConnection:
         self.sock.sendall(data)
 
     def read(self, deadline: float) -> list[tuple[bytes, bytes]]:
-        """Frames from the next chunk (blocking at most until ``deadline``)."""
+        """Frames from the next chunk (blocking until ``deadline``, at most one
+        ``READ_SLICE_US`` later)."""
         if self.pending:
             frames, self.pending = self.pending, []
             return frames
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
+        if time.monotonic() >= deadline:
             raise StompFailure("timed out waiting for the broker")
-        self.sock.settimeout(remaining)
-        try:
-            data = self.sock.recv(RECV_SIZE)
-        except TimeoutError:
-            raise StompFailure("timed out waiting for the broker") from None
-        finally:
-            self.sock.settimeout(None)
+        while True:
+            try:
+                data = self.sock.recv(RECV_SIZE)
+                break
+            except BlockingIOError:  # READ_SLICE_US passed without a byte
+                if time.monotonic() >= deadline:
+                    raise StompFailure("timed out waiting for the broker") from None
         if not data:
             raise StompFailure("the broker closed the connection")
         return self.splitter.feed(data)

@@ -282,6 +282,59 @@ async def test_a_client_that_never_reads_its_receipts_is_pushed_back(close_clien
         assert sent == count
 
 
+def _tasks_under(nursery: trio.Nursery) -> list[trio.lowlevel.Task]:
+    tasks = []
+    for task in nursery.child_tasks:
+        tasks.append(task)
+        for child in task.child_nurseries:
+            tasks.extend(_tasks_under(child))
+    return tasks
+
+
+async def test_an_idle_tcp_connection_is_one_task(tcp_broker: Broker) -> None:
+    # Memory per idle connection: the session reads inline and its peer is written
+    # through, so no reader and no writer task wait beside it.
+    clients = [await tcp_client(tcp_broker) for _ in range(3)]
+    await clients[0].send("SUBSCRIBE", {"destination": "/queue/idle", "id": "1", "receipt": "r"})
+    await clients[0].expect("RECEIPT")
+    await trio.testing.wait_all_tasks_blocked()
+    assert tcp_broker._connections is not None
+    tasks = _tasks_under(tcp_broker._connections)
+    assert len(tasks) == len(clients), [task.name for task in tasks]
+
+
+async def test_shutdown_ends_a_session_whose_client_does_not_read(close_clients: None) -> None:
+    # The socket is full, so the session's writer task waits for room; the closing
+    # deadline (the grace) still ends the flush of the last frames, and no task is left.
+    frame = serialize(Frame("SEND", {"destination": "/topic/void", "receipt": "r" * 4000}))
+    with trio.fail_after(30):  # a hang guard, not a timing assertion
+        async with open_broker(
+            listen=["tcp://127.0.0.1:0"], max_send_buffer=16 * 1024, shutdown_grace=0.2
+        ) as broker:
+            greedy = await tcp_client(broker)
+            assert isinstance(greedy.stream, trio.SocketStream)
+            for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+                greedy.stream.setsockopt(socket.SOL_SOCKET, option, 32 * 1024)
+            session = next(iter(broker._sessions))
+            connections = broker._connections
+            assert connections is not None
+
+            async def flood() -> None:
+                for _ in range(50):
+                    await greedy.send_raw(frame * 100)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(flood)
+                while True:  # until the writer task waits for room
+                    await trio.sleep(0.05)
+                    if len(_tasks_under(connections)) == 2:
+                        break
+                nursery.cancel_scope.cancel()
+            # leaving the block shuts the broker down while the writer waits for room
+    assert session.peer is not None and session.peer.closed
+    assert broker.statistics().connections == 0
+
+
 async def test_shutdown_stops_listeners_before_telling_sessions(close_clients: None) -> None:
     async with trio.open_nursery() as nursery:
         broker: Broker = await nursery.start(

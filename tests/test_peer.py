@@ -13,7 +13,7 @@ import trio.testing
 
 from trio_stomp import ConnectionLost, Frame, HeartbeatTimeout, RemoteProtocolError
 from trio_stomp._codec import FrameParser, serialize
-from trio_stomp._peer import Peer, open_peer
+from trio_stomp._peer import Peer, open_peer, start_inline_peer
 from trio_stomp._util import unwrap_lone_exception
 
 if sys.version_info < (3, 11):  # pragma: no cover
@@ -612,6 +612,55 @@ async def test_inline_socket_peer_hands_what_the_socket_refuses_to_the_writer() 
             nursery.start_soon(peer.flush)
             assert await remote.frames(len(frames)) == frames
         assert peer.statistics().send_buffer_used == 0
+
+
+async def test_start_inline_peer_runs_a_writer_only_while_the_socket_is_full() -> None:
+    # The broker's peers: no nursery and no task of their own. A written-through peer
+    # starts a writer task in the given nursery when the socket refuses bytes, and the
+    # task ends once it has written them: an idle connection has no writer.
+    frames = [message(n, b"y" * 1000) for n in range(8000)]
+    async with tcp_pair() as (server, client), trio.open_nursery() as nursery:
+        peer = start_inline_peer(nursery, server, max_send_buffer=16 << 20)
+        peer.send_nowait(message(0))
+        await trio.lowlevel.checkpoint()
+        assert not nursery.child_tasks
+        remote = Remote(client)
+        assert await remote.frames(1) == [message(0)]
+        for frame in frames:
+            peer.send_nowait(frame)
+        await trio.lowlevel.checkpoint()
+        assert len(nursery.child_tasks) == 1  # the socket is full: a writer waits for room
+        async with trio.open_nursery() as flushing:
+            flushing.start_soon(peer.flush)
+            assert await remote.frames(len(frames)) == frames
+        await trio.testing.wait_all_tasks_blocked()
+        assert not nursery.child_tasks  # everything written: the writer ended
+        peer.send_nowait(message(1))  # written through again
+        assert await remote.frames(1) == [message(1)]
+        await peer.aclose()
+        await remote.read_until_eof()  # closed
+
+
+async def test_start_inline_peer_close_ends_its_tasks() -> None:
+    # Over a stream that is not written through the writer runs for the peer's life; both
+    # ways of closing the peer end it (the nursery would not exit otherwise).
+    for forcefully in (False, True):
+        ours, theirs = trio.testing.memory_stream_pair()
+        async with trio.open_nursery() as nursery:
+            peer = start_inline_peer(nursery, ours)
+            assert len(nursery.child_tasks) == 1
+            remote = Remote(theirs)
+            await remote.send(message(1))
+            assert await peer.receive_batch() == [message(1)]
+            await peer.send(message(2))
+            assert await remote.frames(1) == [message(2)]
+            if forcefully:
+                await trio.aclose_forcefully(peer)
+            else:
+                await peer.aclose()
+            assert peer.closed
+        with pytest.raises(ConnectionLost):
+            await peer.send(message(3))
 
 
 async def test_inline_socket_peer_write_error_breaks_the_peer() -> None:

@@ -34,9 +34,10 @@ non-blocking ``os.write`` each, by the receiving task before it reads again (its
 replies go out first) or, at the latest, at the end of the scheduling round (a
 ``trio.abc.Instrument``'s ``before_io_wait``, installed once per run: heart-beats, receipts
 and deliveries queued by other tasks). Whatever the socket does not take (it is full, the
-other end is slow) is handed to the writer task, which waits for room and writes it with
-``send_all``, in order; while the writer has a write in flight, queued bytes wait for it. The
-byte bound and back-pressure are the same as with the writer. A write error breaks the peer
+other end is slow) is handed to a writer task, started then and ending once nothing is left:
+it waits for room and writes with ``send_all``, in order, and while it exists queued bytes
+wait for it. So most of the time a written-through peer has no task of its own. The byte
+bound and back-pressure are the same as with a writer task. A write error breaks the peer
 like a failed ``send_all``. A write cannot be cancelled, so it never leaves half a frame.
 
 Bounds and back-pressure
@@ -76,8 +77,11 @@ A server whose one receiving task applies each batch synchronously gains nothing
 reader task and a channel: they only cost memory per connection (a task, a channel, a
 nursery). With ``reader_task=False`` there is no reader task: :meth:`Peer.receive_batch`
 itself does ``receive_some`` + ``parser.feed`` in the caller's task, and only the writer task
-runs beside it (in the ``open_peer`` nursery, under its own cancel scope). Only one task may
-receive at a time (a second concurrent receive raises ``trio.BusyResourceError``).
+runs beside it, under its own cancel scope, in the ``open_peer`` nursery or, with
+:func:`start_inline_peer`, in a nursery the server already has (then the peer has no nursery
+and no context manager of its own: less memory per connection); written through, the writer
+runs only while the socket is full. Only one task may receive at a time (a second concurrent
+receive raises ``trio.BusyResourceError``).
 
 Liveness: ``last_received`` is updated on each read. The watchdog only counts silence while
 the application is *inside* a receive: between two receives (while it routes, or pushes back
@@ -102,7 +106,7 @@ import math
 import os
 import sys
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from contextlib import asynccontextmanager
 from typing import Any, NoReturn
 
@@ -114,7 +118,7 @@ from ._errors import ConnectionLost, HeartbeatTimeout, RemoteProtocolError, Stom
 from ._frames import Frame
 from ._util import unwrap_lone_exception
 
-__all__ = ["Peer", "PeerStatistics", "open_peer"]
+__all__ = ["Peer", "PeerStatistics", "open_peer", "start_inline_peer"]
 
 #: Bytes asked of the stream per read.
 RECEIVE_SIZE = 65536
@@ -155,8 +159,9 @@ class PeerStatistics:
 
 
 @attrs.define(eq=False, init=False)
-class Peer:
-    """One STOMP connection. Made by :func:`open_peer`, never directly.
+class Peer(trio.abc.AsyncResource):
+    """One STOMP connection. Made by :func:`open_peer` (or :func:`start_inline_peer`), never
+    directly. An ``AsyncResource``: ``trio.aclose_forcefully(peer)`` closes it at once.
 
     Safe to share between tasks: several tasks may send at once (frames are never interleaved:
     each ``send`` queues whole frames) and several may receive (each frame goes to exactly one).
@@ -174,7 +179,8 @@ class Peer:
     _enqueued_total: int
     _written_total: int
     _writing: bool
-    _writer_wake: trio.Event
+    # Set to wake the writer task (None when written through: no persistent writer).
+    _writer_wake: trio.Event | None
     # write-through (inline reading over a socket): the socket, and the run's list of peers
     # to write when the applying task reads again (None: no write-through)
     _socket: trio.socket.SocketType | None
@@ -203,7 +209,7 @@ class Peer:
     # lifetime
     _io_nursery: trio.Nursery | None
     _writer_scope: trio.CancelScope | None
-    _nursery: trio.Nursery | None  # open_peer's, with inline reading
+    _nursery: trio.Nursery | None  # where the tasks of inline reading run
     _closed: bool
     # counters
     _bytes_in: int
@@ -241,13 +247,15 @@ class Peer:
         self._enqueued_total = 0
         self._written_total = 0
         self._writing = False
-        self._writer_wake = trio.Event()
         self._socket = None
         self._end_of_round = None
         self._listed = False
         if not reader_task and isinstance(stream, trio.SocketStream) and sys.platform != "win32":
             self._socket = stream.socket
             self._end_of_round = _end_of_round()
+            self._writer_wake = None
+        else:
+            self._writer_wake = trio.Event()
         self._space = None
         self._progress = None
         self._send_error = None
@@ -338,10 +346,12 @@ class Peer:
         self._pending_bytes += n
         self._enqueued_total += n
         self._frames_out += frames
-        if self._end_of_round is None:
-            self._writer_wake.set()
+        wake = self._writer_wake
+        if wake is not None:
+            wake.set()
         elif not self._listed:
             self._listed = True
+            assert self._end_of_round is not None
             self._end_of_round.peers.append(self)
 
     async def send(self, frame: Frame) -> None:
@@ -401,10 +411,12 @@ class Peer:
         self._pending_bytes += n
         self._enqueued_total += n
         self._frames_out += frames
-        if self._end_of_round is None:
-            self._writer_wake.set()
+        wake = self._writer_wake
+        if wake is not None:
+            wake.set()
         elif not self._listed:
             self._listed = True
+            assert self._end_of_round is not None
             self._end_of_round.peers.append(self)
 
     async def flush(self) -> None:
@@ -428,11 +440,12 @@ class Peer:
             await self._progress.wait()
 
     async def _writer(self) -> None:
-        stream = self._stream
+        """The writer task of a peer that is not written through: waits for queued bytes
+        and writes them, a batch per ``send_all``, until the peer dies."""
         while True:
             if not self._pending:
-                self._writer_wake = trio.Event()
-                await self._writer_wake.wait()
+                self._writer_wake = wake = trio.Event()
+                await wake.wait()
                 continue
             # Coalesce: a task sending in a loop adds one frame per scheduling round (each
             # send is a checkpoint). While the buffer keeps growing, give the senders a few
@@ -456,34 +469,55 @@ class Peer:
                 else:
                     quiet = 0
             if not self._pending:
-                continue  # written through meanwhile
-            pending = self._pending
-            data = pending[0] if len(pending) == 1 else b"".join(pending)
-            n = self._pending_bytes
-            self._pending = []
-            self._pending_bytes = 0
-            space = self._space
-            if space is not None:
-                self._space = None
-                space.set()
-            self._writing = True
-            written = False
-            try:
-                await stream.send_all(data)
-                written = True
-            except _STREAM_ERRORS as exc:
-                # A connection we cannot write to is dead both ways: stop the reader too
-                # (frames it already parsed are still delivered, then the error).
-                error = _lost(exc)
-                error.__cause__ = exc
-                self._die(error)
+                continue  # the peer broke meanwhile (its pending bytes were dropped)
+            if not await self._write_pending():
                 return
-            finally:
-                self._writing = False
-                if not written:
-                    # Cancelled mid-write: part of a frame may be on the wire.
-                    self._break_send(ConnectionLost("connection closed while writing"), None)
-            self._wrote(n)
+
+    async def _drain(self) -> None:
+        """Write-through: the writer task, started only when the socket refused bytes (it
+        is full). Writes them and whatever was queued meanwhile with ``send_all``, in
+        order, and ends when nothing is left; :meth:`_die` cancels its scope. ``_writing``
+        is True from the moment it is started until it ends, so that nothing is written
+        through past it."""
+        try:
+            with trio.CancelScope() as self._writer_scope:
+                while self._pending:
+                    if not await self._write_pending():
+                        break
+        finally:
+            self._writer_scope = None
+            self._writing = False
+
+    async def _write_pending(self) -> bool:
+        """Write everything queued with one ``send_all``; False if that broke the peer."""
+        pending = self._pending
+        data = pending[0] if len(pending) == 1 else b"".join(pending)
+        n = self._pending_bytes
+        self._pending = []
+        self._pending_bytes = 0
+        space = self._space
+        if space is not None:
+            self._space = None
+            space.set()
+        self._writing = True
+        written = False
+        try:
+            await self._stream.send_all(data)
+            written = True
+        except _STREAM_ERRORS as exc:
+            # A connection we cannot write to is dead both ways: stop the reader too
+            # (frames it already parsed are still delivered, then the error).
+            error = _lost(exc)
+            error.__cause__ = exc
+            self._die(error)
+            return False
+        finally:
+            self._writing = False
+            if not written:
+                # Cancelled mid-write: part of a frame may be on the wire.
+                self._break_send(ConnectionLost("connection closed while writing"), None)
+        self._wrote(n)
+        return True
 
     def _wrote(self, n: int) -> None:
         self._written_total += n
@@ -521,10 +555,20 @@ class Peer:
             self._pending = []
             self._pending_bytes = 0
         else:
-            # The socket is full: the writer waits until it can take the rest.
+            # The socket is full: a writer task waits until it can take the rest.
             self._pending = [data[n:]]
             self._pending_bytes -= n
-            self._writer_wake.set()
+            # (From the Instrument this runs outside any task: the writer then starts with
+            # the run's context variables, not the session's; it uses none.)
+            assert self._nursery is not None
+            self._writing = True
+            try:
+                self._nursery.start_soon(self._drain)
+            except RuntimeError as exc:  # the nursery is closed: nobody owns this peer now
+                self._writing = False
+                error = ConnectionLost("connection closed")
+                error.__cause__ = exc
+                self._die(error)
             woke = True
         if n:
             space = self._space
@@ -578,12 +622,19 @@ class Peer:
             return self._inbox.popleft()
         return batch[0]
 
-    async def receive_batch(self) -> list[Frame]:
+    def receive_batch(self) -> Coroutine[Any, Any, list[Frame]]:
         """Return every frame that one received chunk held (at least one frame).
 
         This is the hot path's receive: one await per chunk, not per frame. Blocks, raises and
-        is cancellation-atomic like :meth:`receive`.
+        is cancellation-atomic like :meth:`receive`. Use it as ``await peer.receive_batch()``:
+        it is a plain method that returns the coroutine that does the work (with inline
+        reading, the read itself: one coroutine frame fewer per connection while it waits).
         """
+        if self._inbox is None and self._batches_out is None:
+            return self._read_inline()
+        return self._receive_batch()
+
+    async def _receive_batch(self) -> list[Frame]:
         await trio.lowlevel.checkpoint_if_cancelled()
         if self._inbox:
             batch = list(self._inbox)
@@ -607,45 +658,24 @@ class Peer:
     async def _read_inline(self) -> list[Frame]:
         """Inline reading: read and parse in the caller's task until a chunk completes at
         least one frame. Cancellation-atomic: ``receive_some`` loses nothing when
-        cancelled, and parsing does not await."""
-        stream = self._stream
+        cancelled, and parsing does not await.
+
+        Over a TCP socket: wait until it is readable, then one non-blocking ``os.read``.
+        The same as ``receive_some`` without, per read, a cancel scope, two context
+        managers, and a ``recv`` that fails with ``EAGAIN`` before the wait. :meth:`_die`
+        wakes a pending wait with ``trio.lowlevel.notify_closing`` (the peer is dead: the
+        stream is only closed afterwards). A cancelled wait has read nothing. (One
+        coroutine, not one per kind of stream: each is a frame per idle connection.)"""
+        await trio.lowlevel.checkpoint_if_cancelled()
         end_of_round = self._end_of_round
         if end_of_round is not None and end_of_round.peers:
             # Write what the last batch queued before reading, not after.
             end_of_round.write()
         # The silence before this call was ours (see "Inline reading").
         self._last_received = max(self._last_received, trio.current_time())
-        if self._socket is not None:
-            return await self._read_socket(self._socket)
-        while True:
-            error = self._receive_error
-            if error is not None:
-                _reraise(error)
-            self._reading = True
-            try:
-                with trio.CancelScope() as self._read_scope:  # _die cancels it
-                    try:
-                        data = await stream.receive_some(RECEIVE_SIZE)
-                    except _STREAM_ERRORS as exc:
-                        self._fail_receive(_lost(exc), exc)
-                        continue
-            finally:
-                self._reading = False
-                self._read_scope = None
-            if self._receive_error is not None:
-                continue  # the watchdog or the writer broke the peer while we waited
-            frames = self._take_in(data)
-            if frames:
-                return frames
-
-    async def _read_socket(self, sock: trio.socket.SocketType) -> list[Frame]:
-        """Inline reading from a TCP socket: wait until it is readable, then one
-        non-blocking ``os.read``. The same as ``receive_some`` without, per read, a cancel
-        scope, two context managers, and a ``recv`` that fails with ``EAGAIN`` before the
-        wait. :meth:`_die` wakes a pending wait with ``trio.lowlevel.notify_closing`` (the
-        peer is dead: the stream is only closed afterwards). Cancellation-atomic: a
-        cancelled wait has read nothing."""
-        while True:
+        data: bytes | bytearray
+        sock = self._socket
+        while sock is not None:
             error = self._receive_error
             if error is not None:
                 _reraise(error)
@@ -664,6 +694,27 @@ class Peer:
                 continue
             finally:
                 self._reading = False
+            if self._receive_error is not None:
+                continue  # the watchdog or the writer broke the peer while we waited
+            frames = self._take_in(data)
+            if frames:
+                return frames
+        stream = self._stream
+        while True:
+            error = self._receive_error
+            if error is not None:
+                _reraise(error)
+            self._reading = True
+            try:
+                with trio.CancelScope() as self._read_scope:  # _die cancels it
+                    try:
+                        data = await stream.receive_some(RECEIVE_SIZE)
+                    except _STREAM_ERRORS as exc:
+                        self._fail_receive(_lost(exc), exc)
+                        continue
+            finally:
+                self._reading = False
+                self._read_scope = None
             if self._receive_error is not None:
                 continue  # the watchdog or the writer broke the peer while we waited
             frames = self._take_in(data)
@@ -824,7 +875,7 @@ class Peer:
         if self._read_scope is not None:
             self._read_scope.cancel()
         if self._reading and self._socket is not None:
-            trio.lowlevel.notify_closing(self._socket)  # wakes _read_socket's wait
+            trio.lowlevel.notify_closing(self._socket)  # wakes _read_inline's wait
 
     async def _run_io(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -838,9 +889,16 @@ class Peer:
         finally:
             self._io_nursery = None
 
+    def _attach(self, nursery: trio.Nursery) -> None:
+        """Inline reading: run this peer's tasks in ``nursery`` (no nursery of its own): the
+        writer for the peer's life, or, written through, only while the socket is full."""
+        self._nursery = nursery
+        if self._writer_wake is not None:
+            nursery.start_soon(self._run_writer)
+
     async def _run_writer(self) -> None:
-        """Inline reading: the writer alone, in the ``open_peer`` nursery (no nursery of its
-        own); :meth:`_die` cancels its scope."""
+        """Inline reading, not written through: the writer alone, in the nursery given to
+        :meth:`_attach`; :meth:`_die` cancels its scope."""
         with trio.CancelScope() as self._writer_scope:
             if self._send_error is not None:
                 return
@@ -1019,8 +1077,7 @@ async def open_peer(
             if reader_task:
                 await nursery.start(peer._run_io)
             else:
-                peer._nursery = nursery
-                nursery.start_soon(peer._run_writer)
+                peer._attach(nursery)
             try:
                 yield peer
             except BaseException:
@@ -1028,3 +1085,42 @@ async def open_peer(
                 await trio.aclose_forcefully(stream)
                 raise
             await peer.aclose()
+
+
+def start_inline_peer(
+    nursery: trio.Nursery,
+    stream: trio.abc.Stream,
+    *,
+    version: str = "1.2",
+    max_send_buffer: int = 1 << 20,
+    heart_beat_tolerance: float = 2.0,
+    **parser_limits: Any,
+) -> Peer:
+    """Make an inline-reading :class:`Peer` over ``stream`` whose tasks run in ``nursery``.
+
+    :func:`open_peer` with ``reader_task=False``, for a server that already has a task and a
+    nursery per connection: no nursery and no context manager of the peer's own, which is
+    memory per connection. The writer task runs in ``nursery``: for the peer's life over a
+    stream that is not written through, and over a TCP socket only while the socket
+    refuses bytes (see "Write-through"). Heart-beats come from a shared ticker
+    (:meth:`Peer.check_heart_beat`). Arguments as :func:`open_peer`. Never blocks.
+
+    Resource handling: the caller owns the peer's end and must close it while ``nursery``
+    is open: ``await peer.aclose()`` (flush, bounded by the caller's cancel scope, then
+    close) or, on an exception, ``await trio.aclose_forcefully(peer)``. Either stops the
+    peer's tasks. A peer that is never closed keeps ``nursery`` open.
+
+    Error handling: as :func:`open_peer`; the peer's tasks never raise into ``nursery``.
+    """
+    peer = Peer(
+        stream,
+        version=version,
+        max_receive_batches=1,  # unused: no channel with inline reading
+        max_send_buffer=max_send_buffer,
+        heart_beat_tolerance=heart_beat_tolerance,
+        run_heart_beat_timer=False,
+        parser_limits=parser_limits,
+        reader_task=False,
+    )
+    peer._attach(nursery)
+    return peer

@@ -302,6 +302,8 @@ class Broker:
     # -- internals -----------------------------------------------------------------------
 
     async def _handle(self, stream: trio.abc.Stream, remote: str | None = None) -> None:
+        """One connection's task, from accept to close (the session runs in it: one
+        coroutine frame per idle connection, not a chain of them)."""
         remote = remote or remote_address(stream)
         refusal = self.security.admit(remote)
         if refusal is not None:
@@ -309,31 +311,28 @@ class Broker:
             await _refuse(stream, refusal)
             return
         try:
-            await self._run_session(stream, remote)
+            number = next(self._session_counter)
+            session = Session(
+                session_id=f"session-{number}",
+                remote=remote,
+                config=self.config,
+                router=self.router,
+                register_heart_beat=self._ticker.add,
+                on_closed=self._session_closed,
+                store=self.store,
+                security=self.security,
+            )
+            if self._handlers is None:
+                self._handlers = frame_handlers(self.router)
+            session.handlers = self._handlers
+            self._sessions.add(session)
+            self._connections_total += 1
+            logger.info("connection %s opened from %s", session.session_id, session.remote)
+            if self._closing:
+                session.shutdown()
+            await session.run(stream)
         finally:
             self.security.release(remote)
-
-    async def _run_session(self, stream: trio.abc.Stream, remote: str) -> None:
-        number = next(self._session_counter)
-        session = Session(
-            session_id=f"session-{number}",
-            remote=remote,
-            config=self.config,
-            router=self.router,
-            register_heart_beat=self._ticker.add,
-            on_closed=self._session_closed,
-            store=self.store,
-            security=self.security,
-        )
-        if self._handlers is None:
-            self._handlers = frame_handlers(self.router)
-        session.handlers = self._handlers
-        self._sessions.add(session)
-        self._connections_total += 1
-        logger.info("connection %s opened from %s", session.session_id, session.remote)
-        if self._closing:
-            session.shutdown()
-        await session.run(stream)
 
     def _session_closed(self, session: Session, stats: PeerStatistics | None) -> None:
         self._sessions.discard(session)

@@ -46,7 +46,7 @@ from .._negotiation import (
     negotiate_heart_beat,
     parse_heart_beat,
 )
-from .._peer import Peer, PeerStatistics, open_peer
+from .._peer import Peer, PeerStatistics, start_inline_peer
 from ._auth import AUTHENTICATION_FAILED, Principal, Security
 from ._config import Config
 from ._destinations import Connection
@@ -164,39 +164,63 @@ class Session:
         config = self.config
         stats: PeerStatistics | None = None
         try:
-            # The whole life of the connection. When it is time to close, a deadline is set
-            # on it so flushing the last frames is bounded.
-            with trio.CancelScope() as self._life:
-                async with open_peer(
+            # The whole life of the connection, and the only nursery and cancel scope it
+            # keeps while idle besides _loop's: the peer's writer (while the socket is full)
+            # and the session's helper tasks run here. When it is time to close, a deadline
+            # is set on its scope so flushing the last frames is bounded.
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                self._life = nursery.cancel_scope
+                # Inline reading: this task is the only reader and routes each batch
+                # synchronously, so a reader task and channel would only cost memory.
+                self.peer = peer = start_inline_peer(
+                    nursery,
                     stream,
                     version="1.2",
-                    max_receive_batches=config.max_receive_batches,
                     max_send_buffer=config.max_send_buffer,
                     heart_beat_tolerance=config.heart_beat_tolerance,
-                    run_heart_beat_timer=False,
-                    # Inline reading: this task is the only reader and routes each batch
-                    # synchronously, so a reader task and channel would only cost memory.
-                    reader_task=False,
                     **config.parser_limits(),
-                ) as peer:
-                    self.peer = peer
-                    try:
-                        async with trio.open_nursery() as nursery:
-                            self._nursery = nursery
-                            await self._serve(peer)
-                            nursery.cancel_scope.cancel()
-                    finally:
-                        self._nursery = None
-                        stats = peer.statistics()
-                        self._closing_deadline()
+                )
+                try:
+                    # The conversation is here rather than in a method of its own: a
+                    # coroutine frame fewer per idle connection.
+                    if await self._handshake(peer):
+                        try:
+                            await self._loop(peer)
+                        except RemoteProtocolError as exc:
+                            await self._error(str(exc))
+                        except HeartbeatTimeout as exc:
+                            logger.info(
+                                "session %s (%s) closed: %s", self.session_id, self.remote, exc
+                            )
+                        except ConnectionLost as exc:
+                            if self._stop_reason is not None and self._stop_reason != _LOST:
+                                await self._error(self._stop_reason)
+                            else:
+                                logger.info(
+                                    "session %s (%s) closed: %s", self.session_id, self.remote, exc
+                                )
+                except BaseException:
+                    self._nursery = None
+                    stats = peer.statistics()
+                    await trio.aclose_forcefully(peer)
+                    raise
+                self._nursery = None
+                stats = peer.statistics()
+                self._closing_deadline()
+                await peer.aclose()
+                nursery.cancel_scope.cancel()  # the helper tasks
         except Exception:
             logger.exception("session %s (%s) failed", self.session_id, self.remote)
         finally:
+            self._life = None
             if self.connection is not None:
                 self.router.disconnect(self.connection)
             self.on_closed(self, stats)
 
-    async def _serve(self, peer: Peer) -> None:
+    async def _handshake(self, peer: Peer) -> bool:
+        """The CONNECT frame: True once CONNECTED is queued, False if the connection must
+        close (ERROR sent, or the client left)."""
         config = self.config
         with trio.CancelScope() as self._wake:
             if self._stop_reason is not None:
@@ -207,7 +231,7 @@ class Session:
                     frame.headers.raw  # noqa: B018 - decode now: a bad header line raises here
                 except RemoteProtocolError as exc:
                     await self._error(str(exc))
-                    return
+                    return False
                 except ConnectionLost as exc:
                     logger.info(
                         "connection %s (%s) ended before CONNECT: %s",
@@ -215,35 +239,22 @@ class Session:
                         self.remote,
                         exc,
                     )
-                    return
+                    return False
         if self._wake.cancelled_caught:
             await self._error(self._stop_reason or "closing")
-            return
+            return False
         if timeout.cancelled_caught:
             await self._error(f"no CONNECT frame within {config.connect_timeout:g} s")
-            return
+            return False
         if not await self._authenticate(peer, frame):
-            return
+            return False
         if not self._connect(peer, frame):
-            return
-        # The CONNECT frame (and the headers it decoded) would otherwise live as long as
-        # the connection: ~0.9 KiB of every idle connection.
-        del frame
+            return False
         assert self.connection is not None
         logger.info(
             "session %s (%s) connected with STOMP %s", self.session_id, self.remote, self.version
         )
-        try:
-            await self._loop(peer)
-        except RemoteProtocolError as exc:
-            await self._error(str(exc))
-        except HeartbeatTimeout as exc:
-            logger.info("session %s (%s) closed: %s", self.session_id, self.remote, exc)
-        except ConnectionLost as exc:
-            if self._stop_reason is not None and self._stop_reason != _LOST:
-                await self._error(self._stop_reason)
-            else:
-                logger.info("session %s (%s) closed: %s", self.session_id, self.remote, exc)
+        return True
 
     async def _authenticate(self, peer: Peer, frame: Frame) -> bool:
         """Ask the security policy who the client is; False (ERROR sent) if refused.
@@ -399,12 +410,12 @@ class Session:
 
     async def _send_receipts(self, peer: Peer, store: Store) -> None:
         """The receipt task: send each waiting RECEIPT, in order, once the store has
-        committed its position. Ends with the session (its nursery is cancelled).
-
-        Raises:
-          RuntimeError: the store failed (the session closes; those receipts are never
-            sent).
-        """
+        committed its position. Sends nothing once the conversation is over (``_nursery``
+        is None: the last frames, an ERROR, are being flushed), and ends with the session
+        (its nursery is cancelled after the flush), or when the store failed: then the
+        session closes and those receipts are never sent (the store task's error takes the
+        broker down; raising it here too would only add it to the session's exception
+        group beside the broker's cancellation)."""
         pending = self._store_receipts
         assert pending is not None
         while True:
@@ -414,11 +425,20 @@ class Session:
                 self._store_receipts_wake = trio.Event()
                 await self._store_receipts_wake.wait()
                 continue
-            await store.wait_committed(pending[-1][0])
+            try:
+                await store.wait_committed(pending[-1][0])
+            except RuntimeError:
+                pending.clear()
+                if self._store_receipts_idle is not None:
+                    self._store_receipts_idle.set()
+                self._stop("the message store failed")
+                return
+            if self._nursery is None:
+                return  # the conversation is over: nothing goes out after its last frame
             try:
                 # Everything committed goes out without an await per frame; only a full
                 # outbound buffer makes this task wait (in order).
-                while pending and store.is_committed(pending[0][0]):
+                while pending and self._nursery is not None and store.is_committed(pending[0][0]):
                     frame = pending.popleft()[1]
                     try:
                         peer.send_nowait(frame)

@@ -131,13 +131,6 @@ def _parser() -> argparse.ArgumentParser:
     )
     add("--max-headers", type=int, metavar="N", help="most headers in one frame (default: 128)")
     add(
-        "--max-receive-batches",
-        type=int,
-        metavar="N",
-        help="received chunks (up to 64 KiB each) parsed ahead of routing per connection "
-        "(default: 4)",
-    )
-    add(
         "--store",
         metavar="URL",
         help="where persistent messages and durable subscriptions are kept: 'memory' "

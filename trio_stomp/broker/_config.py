@@ -223,8 +223,6 @@ class Config:
         message for that subscriber and count it).
       max_frame_size, max_body_size, max_line_length, max_headers: parser limits; a frame
         beyond any of them gets an ERROR and the connection closes.
-      max_receive_batches: received chunks (of up to 64 KiB) a connection may have parsed
-        but not yet routed.
       server_name: the ``server`` header of CONNECTED.
       log_level: the level of the ``trio_stomp.broker`` logger when run from the CLI.
       store: where persistent messages and durable subscriptions are kept: ``"memory"``
@@ -291,7 +289,6 @@ class Config:
     max_body_size: int = attrs.field(default=16 * 1024 * 1024, validator=_positive)
     max_line_length: int = attrs.field(default=16 * 1024, validator=_positive)
     max_headers: int = attrs.field(default=128, validator=_positive)
-    max_receive_batches: int = attrs.field(default=4, validator=_positive)
     server_name: str = "trio_stomp/0.1.0"
     log_level: str = attrs.field(
         default="INFO", converter=_upper, validator=attrs.validators.in_(LOG_LEVELS)

@@ -4,7 +4,9 @@ round trip over arbitrary frames in random splits."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
+from unittest import mock
 
 import pytest
 from hypothesis import given, settings
@@ -19,6 +21,7 @@ from trio_stomp import (
     ProtocolError,
     RemoteProtocolError,
     StompError,
+    _codec,
     serialize,
 )
 from trio_stomp._codec import _FrameBuilder
@@ -498,8 +501,8 @@ def test_frames_with_the_same_head_share_one_decode_and_stay_correct() -> None:
             bad.headers.raw  # noqa: B018 - decoding is what raises
     # Bounded, however many distinct heads arrive.
     for n in range(_frames._DECODED_MAX_ENTRIES * 3):
-        (frame,) = FrameParser().feed(b"ACK\nid:%d\n\n\0" % n)
-        assert isinstance(frame, Frame) and frame.headers.first == {"id": str(n)}
+        (frame,) = FrameParser().feed(b"BEGIN\ntransaction:%d\n\n\0" % n)
+        assert isinstance(frame, Frame) and frame.headers.first == {"transaction": str(n)}
     assert len(_frames._DECODED) <= _frames._DECODED_MAX_ENTRIES
 
 
@@ -584,3 +587,184 @@ def test_repeated_head_follows_a_version_change() -> None:
     assert frames(parser.feed(plain)) == frames(_fresh(plain, "1.0"))
     parser.version = "1.2"
     assert frames(parser.feed(plain)) == frames(_fresh(plain))
+
+
+# ---------------------------------------------------------------- ACK / NACK heads
+# A 1.2 "ACK\nid:N" (or NACK) frame is matched whole and its header decoded at once; every
+# other head goes the general way. The general path is the reference: the same input with
+# the ACK match switched off must give the same events, headers and errors.
+
+
+def _describe(event: Event) -> object:
+    if isinstance(event, Heartbeat):
+        return "heart-beat"
+    headers = event.headers
+    try:
+        decoded: object = (
+            headers.raw,
+            dict(headers.first),
+            list(headers),
+            len(headers),
+            headers.get("id"),
+            headers.get("receipt"),
+            "id" in headers,
+            headers.get("x:y"),
+        )
+    except RemoteProtocolError as exc:
+        decoded = ("bad headers", str(exc))
+    return (event.command, type(event.command), decoded, event.body, repr(event))
+
+
+def _outcome(pieces: Sequence[bytes], version: str, general: bool, **limits: int) -> object:
+    parser = FrameParser(version, **limits)
+    described: list[object] = []
+    with contextlib.ExitStack() as stack:
+        if general:
+            for name in ("_ACK_FRAME", "_NACK_FRAME"):
+                stack.enter_context(mock.patch.object(_codec, name, lambda buffer, pos: None))
+        try:
+            for piece in pieces:
+                if piece:  # feed(b"") is the end of the stream
+                    described += map(_describe, parser.feed(piece))
+            parser.feed(b"")
+        except RemoteProtocolError as exc:
+            return described, str(exc)
+    return described, None
+
+
+def _same_as_general(data: bytes, version: str = "1.2", **limits: int) -> object:
+    """Parse ``data`` whole, byte by byte and in two halves, with and without the ACK
+    match; check each way agrees with its reference and return the outcome (whole)."""
+    for pieces in ([data], [data[i : i + 1] for i in range(len(data))], _halves(data)):
+        fast = _outcome(pieces, version, False, **limits)
+        assert fast == _outcome(pieces, version, True, **limits), pieces
+    return _outcome([data], version, False, **limits)
+
+
+def _halves(data: bytes) -> list[bytes]:
+    return [data[: len(data) // 2], data[len(data) // 2 :]]
+
+
+ACK_VECTORS = [
+    b"ACK\nid:17\n\n\x00",
+    b"NACK\nid:17\n\n\x00",
+    b"ACK\nid:\n\n\x00",
+    b"ACK\nid:a:b\n\n\x00",
+    b"ACK\nid: spaced [x]~ \n\n\x00",
+    b"ACK\nid:a\\cb\n\n\x00",  # an escape: decoded by version
+    b"ACK\nid:a\\tb\n\n\x00",  # an undefined escape: an error in 1.1 and 1.2
+    b"ACK\nid:a\\rb\n\n\x00",  # \r: defined in 1.2 only
+    b"ACK\r\nid:1\r\n\r\n\x00",
+    b"ACK\nid:1\r\n\r\n\x00",
+    b"ACK\nid:1\r\n\n\x00",
+    b"ACK\nid:\xc3\xa9t\xc3\xa9\n\n\x00",  # UTF-8
+    b"ACK\nid:\xff\n\n\x00",  # not UTF-8
+    b"ACK\nid:a\tb\n\n\x00",
+    b"ACK\nid:a\x00b\n\n\x00",
+    b"ACK\nid:1\nreceipt:r-1\n\n\x00",
+    b"ACK\nid:1\ntransaction:tx\n\n\x00",
+    b"ACK\nid:1\nid:2\n\n\x00",
+    b"ACK\nsubscription:0\nmessage-id:m-1\n\n\x00",  # 1.1
+    b"ACK\nmessage-id:m-1\n\n\x00",  # 1.0
+    b"ACK\nid:1\ncontent-length:0\n\n\x00",
+    b"ACK\nid:1\ncontent-length:3\n\nabc\x00",
+    b"ACK\nid:1\n\nbody\x00",
+    b"ACK\nid:1\nno colon\n\n\x00",
+    b"ACK\nID:1\n\n\x00",
+    b"ACKS\nid:1\n\n\x00",
+    b"NAC\nid:1\n\n\x00",
+    b"ACK\nid:1\n\n",  # cut short
+    b"ACK\nid:1\n\n\x00\nACK\nid:2\n\n\x00\r\n\r\nNACK\nid:3\n\n\x00\n",
+    b"SEND\ndestination:/q\n\nx\x00ACK\nid:1\n\n\x00SEND\ndestination:/q\n\ny\x00",
+]
+
+
+@pytest.mark.parametrize("version", ["1.0", "1.1", "1.2"])
+@pytest.mark.parametrize("data", ACK_VECTORS)
+def test_ack_heads_parse_as_the_general_path_does(data: bytes, version: str) -> None:
+    _same_as_general(data, version)
+
+
+def test_ack_frames_of_the_common_shape() -> None:
+    ack, nack = FrameParser().feed(b"ACK\nid:17\n\n\x00NACK\nid:a:b\n\n\x00")
+    assert ack == Frame("ACK", [("id", "17")])
+    assert nack == Frame("NACK", [("id", "a:b")])
+    assert isinstance(ack, Frame) and ack.headers.first == {"id": "17"}
+
+
+@pytest.mark.parametrize(
+    "limits",
+    [
+        {"max_line_length": 5},  # "id:123456" is too long
+        {"max_line_length": 9},  # exactly fits
+        {"max_headers": 0},
+        {"max_headers": 1},
+        {"max_headers": 4},  # the head is past the size below which limits are skipped
+        {"max_body_size": 0},
+        {"max_frame_size": 4},
+    ],
+)
+def test_ack_heads_meet_the_same_limits(limits: dict[str, int]) -> None:
+    for data in (b"ACK\nid:123456\n\n\x00", b"NACK\nid:1234567\n\n\x00", b"ACK\nid:1\n\n\x00"):
+        _same_as_general(data, "1.2", **limits)
+
+
+def test_ack_frames_leave_the_repeated_head_and_the_decode_cache_alone() -> None:
+    from trio_stomp import _frames
+
+    send = _send(b"/queue/ack-test", b"x")
+    parser = FrameParser()
+    parser.feed(send)
+    last_head = parser._last_head
+    cached = len(_frames._DECODED)
+    for n in range(_frames._DECODED_MAX_ENTRIES + 1):
+        (ack,) = parser.feed(b"ACK\nid:%d\n\n\x00" % n)
+        assert isinstance(ack, Frame) and ack.headers.first == {"id": str(n)}
+    assert parser._last_head is last_head
+    assert len(_frames._DECODED) == cached
+
+
+ack_values = st.text(
+    alphabet=st.sampled_from(["1", "a", " ", ":", "\\", "\r", "\n", "\t", "\x00", "é", "~"]),
+    max_size=8,
+)
+ack_heads = st.tuples(
+    st.sampled_from(["ACK", "NACK", "ACKX", "SEND"]),
+    st.lists(
+        st.tuples(
+            st.sampled_from(["id", "receipt", "transaction", "message-id", "content-length"]),
+            ack_values,
+        ),
+        min_size=0,
+        max_size=3,
+    ),
+    st.sampled_from(["\n", "\r\n"]),
+    st.sampled_from([b"", b"\x00", b"body\x00", b"\n", b"\xff\x00"]),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    heads=st.lists(ack_heads, min_size=1, max_size=4),
+    version=st.sampled_from(["1.0", "1.1", "1.2"]),
+    max_line_length=st.sampled_from([6, 12, 16 * 1024]),
+    max_headers=st.sampled_from([0, 2, 128]),
+    cut=st.integers(min_value=0, max_value=200),
+)
+def test_ack_heads_fuzzed_against_the_general_path(
+    heads: list[tuple[str, list[tuple[str, str]], str, bytes]],
+    version: str,
+    max_line_length: int,
+    max_headers: int,
+    cut: int,
+) -> None:
+    data = b"".join(
+        (eol.join([command, *(f"{name}:{value}" for name, value in pairs)]) + eol + eol).encode()
+        + tail
+        for command, pairs, eol, tail in heads
+    )
+    limits = {"max_line_length": max_line_length, "max_headers": max_headers}
+    for pieces in ([data], [data[:cut], data[cut:]]):
+        assert _outcome(pieces, version, False, **limits) == _outcome(
+            pieces, version, True, **limits
+        )

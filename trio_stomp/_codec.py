@@ -14,7 +14,9 @@ that leftover with the new chunk once, then walks the buffer by slicing:
 2. the *head* (command line and header lines) ends at the first blank line: one ``find``
    for ``\\n\\n`` (and ``\\n\\r\\n`` when the chunk holds a CR at all); a head
    byte-identical to the last plain one (a producer repeats its head) reuses what was
-   derived from it (command, head text, content-length) instead of decoding it again;
+   derived from it (command, head text, content-length) instead of decoding it again; a
+   whole 1.2 ``ACK``/``NACK`` frame of the common shape (``ACK\\nid:N``, no body) is
+   matched at once and its one header decoded there (its head is unique: the id);
 3. the body is exactly ``content-length`` octets followed by a NUL when that header is
    present (NULs inside are data), otherwise everything up to the first NUL.
 
@@ -293,6 +295,28 @@ class FrameParser:
                 append(HEARTBEAT)
                 pos += 2
                 continue
+            if byte == 65 or byte == 78:  # "A", "N"
+                # STOMP 1.2's ACK or NACK of one message, "ACK\nid:N\n\n\0". Its id makes
+                # each head unique: the repeated-head path below never takes it, and the
+                # general path would cost as much as the SEND it settles. One match finds
+                # the whole frame and its one header is decoded here, into what the
+                # general path gives. Anything else (an escape, a CR or non-ASCII byte, a
+                # second header, a body, a head past the size that needs limit checks, a
+                # frame cut short) goes the general way.
+                match = (_ACK_FRAME if byte == 65 else _NACK_FRAME)(buffer, pos)
+                if match is not None and (end := match.end()) - pos <= small_head + 3:
+                    headers = _new_headers(Headers)
+                    headers._raw = None
+                    headers._first = {"id": match[1].decode()}
+                    headers._block = None
+                    frame = _FrameBuilder()
+                    frame.command = "ACK" if byte == 65 else "NACK"
+                    frame.headers = headers
+                    frame.body = b""
+                    frame.__class__ = Frame  # type: ignore[assignment]
+                    append(frame)  # type: ignore[arg-type]
+                    pos = end
+                    continue
 
             # The head ends at the first blank line.
             head_end = buffer.find(b"\n\n", pos)
@@ -494,6 +518,11 @@ class FrameParser:
 
 
 _new_headers = object.__new__
+
+#: A whole 1.2 ACK / NACK frame of the common shape: one ``id`` header whose value is
+#: printable ASCII without a backslash (nothing to unescape), no body. Group 1: the id.
+_ACK_FRAME: Final = re.compile(rb"ACK\nid:([\x20-\x5b\x5d-\x7e]*)\n\n\0").match
+_NACK_FRAME: Final = re.compile(rb"NACK\nid:([\x20-\x5b\x5d-\x7e]*)\n\n\0").match
 
 #: Valid content-length values seen so far, with their values: a dict lookup instead of
 #: validating and converting the same few digits again for every frame. Bounded: once

@@ -84,6 +84,8 @@ class Headers(Mapping[str, str]):
 
     __slots__ = ("_block", "_first", "_raw")
 
+    # Decoded: _first, and _raw (None when the parser decoded a head with no repeated
+    # name into _first alone: raw is then made from it on first use).
     _raw: tuple[tuple[str, str], ...] | None
     _first: dict[str, str] | None
     # The undecoded head: the command line, then each header line preceded by "\n" (CRs
@@ -163,8 +165,13 @@ class Headers(Mapping[str, str]):
     def raw(self) -> tuple[tuple[str, str], ...]:
         """Every ``(name, value)`` pair in the order it was given, repeats included."""
         if self._raw is None:
-            self._decode()
-            assert self._raw is not None
+            if self._block is None:
+                # Decoded by the parser into the dict alone (no name repeats).
+                assert self._first is not None
+                self._raw = tuple(self._first.items())
+            else:
+                self._decode()
+                assert self._raw is not None
         return self._raw
 
     @property

@@ -560,6 +560,25 @@ def test_repeated_heads_parse_like_fresh_ones() -> None:
     assert first.headers is not second.headers  # each frame has its own Headers
 
 
+def test_repeated_heads_come_decoded_once_one_was() -> None:
+    frame = _send(b"/queue/decoded-once", b"x")
+    parser = FrameParser()
+    first, second = frames(parser.feed(frame + frame))
+    assert second.headers._first is None  # nothing decoded yet when the chunk was parsed
+    decoded = first.headers.first
+    (third,) = frames(parser.feed(frame))
+    assert third.headers._first is decoded  # shared with its twin, not decoded again
+    assert third.headers.raw is first.headers.raw
+    assert third == first
+    # A head that does not decode is never shared: each frame raises on its own.
+    bad = b"SEND\ndestination:/queue/q\nno colon\n\n\x00"
+    parser = FrameParser()
+    for _ in range(3):
+        (frame_,) = frames(parser.feed(bad))
+        with pytest.raises(RemoteProtocolError, match="without a colon"):
+            frame_.headers.first  # noqa: B018
+
+
 def test_repeated_head_still_needs_its_nul() -> None:
     good = _send(b"/queue/a", b"x" * 10)
     fails_all_ways(good + good[:-1] + b"!", "not followed by a NUL")

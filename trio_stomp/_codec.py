@@ -46,7 +46,15 @@ import re
 from typing import Final, Union
 
 from ._errors import LocalProtocolError, RemoteProtocolError
-from ._frames import CLIENT_COMMANDS, HEARTBEAT, SERVER_COMMANDS, Frame, Headers, Heartbeat
+from ._frames import (
+    _DECODED,
+    CLIENT_COMMANDS,
+    HEARTBEAT,
+    SERVER_COMMANDS,
+    Frame,
+    Headers,
+    Heartbeat,
+)
 
 __all__ = ["FrameParser", "serialize"]
 
@@ -280,6 +288,9 @@ class FrameParser:
         last_text = self._last_text
         last_command = self._last_command
         last_size = self._last_size
+        # What the last head decoded to, if a frame with it was decoded before this chunk
+        # (the decode cache's entry): frames repeating it need not decode it again.
+        last_decoded = _DECODED.get(last_text)
         while pos < end_of_buffer:
             # Heart-beats: bare EOLs between frames.
             byte = buffer[pos]
@@ -335,12 +346,17 @@ class FrameParser:
                 break
             head = buffer[pos:head_end]
             if head == last_head and last_size <= max_body_size:
-                # The same head as the last frame: the same text, command and size.
+                # The same head as the last frame: the same text, command and size, and
+                # the same decoded headers once some frame with it was decoded.
                 command = last_command
                 headers = _new_headers(Headers)
-                headers._raw = None
-                headers._first = None
-                headers._block = last_text
+                if last_decoded is None:
+                    headers._raw = None
+                    headers._first = None
+                    headers._block = last_text
+                else:
+                    headers._raw, headers._first = last_decoded
+                    headers._block = None
                 size = last_size
             else:
                 text = head.decode()
@@ -379,6 +395,7 @@ class FrameParser:
                     self._last_text = last_text = text
                     self._last_command = last_command = command
                     self._last_size = last_size = size
+                    last_decoded = _DECODED.get(text)
             body_start = head_end + separator
 
             if size >= 0:

@@ -180,6 +180,9 @@ class Headers(Mapping[str, str]):
 
         Internal: the broker's hot paths read several headers of the same frame; one
         decode and dict lookups beat a scan of the header block per name. Never mutate it.
+        The hottest read ``headers._first or headers.first``: the slot holds the dict once
+        decoded (the parser fills it for a repeated head whose twin was decoded, and for an
+        ACK), and this property call costs as much as several dict lookups.
         """
         first = self._first
         return first if first is not None else self._decode()

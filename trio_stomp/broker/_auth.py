@@ -872,7 +872,9 @@ class Security:
     def _check_ack(
         self, router: Router, connection: Connection, principal: Principal, frame: Frame
     ) -> None:
-        if "transaction" in frame.headers.first:  # decoded once: the router reads it next
+        headers = frame.headers
+        # Decoded once (the router reads it next); the slot once decoded: no property call.
+        if "transaction" in (headers._first or headers.first):
             self._check_transaction(connection, frame)
 
     def _check_transaction(self, connection: Connection, frame: Frame) -> None:
@@ -889,7 +891,8 @@ class Security:
     def _check_send(
         self, router: Router, connection: Connection, principal: Principal, frame: Frame
     ) -> None:
-        first = frame.headers.first  # decoded once: the router reads it next
+        headers = frame.headers
+        first = headers._first or headers.first  # decoded once: the router reads it next
         destination = first.get("destination")
         if not destination:
             return  # the router refuses it

@@ -295,7 +295,7 @@ class Router:
         # The broker's hottest path: the headers are decoded once here (the passthrough
         # needs every pair anyway) and every later lookup is a dict lookup.
         headers = frame.headers
-        first = headers.first
+        first = headers._first or headers.first  # the slot once decoded: no property call
         destination = first.get("destination")
         if not destination:
             raise RemoteProtocolError("SEND frame has no destination header")
@@ -324,7 +324,7 @@ class Router:
                 counters.unrouted += 1
             return
         headers = frame.headers
-        first = headers.first
+        first = headers._first or headers.first
         plan = connection.send_plan
         if plan is not None and plan.first is first and target is not None:
             # The same head as this connection's last plain SEND (the decode cache hands
@@ -506,7 +506,8 @@ class Router:
           RemoteProtocolError: the version's ack header is missing (1.2 ``id``, 1.0/1.1
             ``message-id``), or an unknown ``transaction``.
         """
-        first = frame.headers.first
+        headers = frame.headers
+        first = headers._first or headers.first
         if connection.version == "1.2" and "transaction" not in first:
             # The common case, straight: one client-individual delivery acknowledged.
             key = first.get("id", "")

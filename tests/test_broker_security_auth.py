@@ -11,7 +11,7 @@ import pytest
 import trio
 import trio.testing
 
-from trio_stomp import Frame
+from trio_stomp import Frame, RemoteProtocolError
 from trio_stomp.broker import _auth
 from trio_stomp.broker._auth import (
     ANONYMOUS,
@@ -32,6 +32,7 @@ from trio_stomp.broker._auth import (
     verify_password,
 )
 from trio_stomp.broker._router import Router
+from trio_stomp.broker._session import frame_handlers
 
 
 # Cheap parameters: the real defaults take ~70 ms (scrypt) / ~230 ms (PBKDF2) per hash.
@@ -546,3 +547,135 @@ def test_observe_error_counts_parser_limits() -> None:
         "max_line_length": 1,
         "connect_timeout": 1,
     }
+
+
+# -- the SEND check that also routes ---------------------------------------------------------
+# The session calls security.checks[command] and then the router's handler unless the check
+# returned True: for SEND the check routes the common cases itself. It must behave exactly
+# as security.check() followed by router.send(): same errors (and their order), counters,
+# queue contents and deliveries.
+
+SEND_STEPS: list[tuple[str, dict[str, str]]] = [
+    ("SEND", {"destination": "/queue/a"}),  # creates /queue/a
+    ("SEND", {"destination": "/queue/a", "x-h": "1"}),
+    ("SEND", {"destination": "/queue/a", "x-h": "1"}),  # the same head: the SEND plan
+    ("SEND", {"destination": "/queue/a", "x-h": "1"}),  # past max_queue_depth 2
+    ("SEND", {"destination": "/queue/a", "receipt": "r1"}),
+    ("SEND", {"destination": "/queue/a", "expires": "soon"}),
+    ("SEND", {"destination": "/queue/a", "reply-to": "/temp-queue/back"}),
+    ("SEND", {"destination": "/queue/orders.eu"}),
+    ("SEND", {"destination": "/queue/orders.eu"}),
+    ("SEND", {"destination": "/queue/orders.a.b"}),
+    ("SEND", {"destination": "/queue/b"}),
+    ("SEND", {"destination": "/topic/t"}),
+    ("SEND", {"destination": "/topic/public"}),
+    ("SEND", {"destination": "/topic/nobody"}),
+    ("SEND", {"destination": "/topic/"}),
+    ("SEND", {"destination": "/queue/"}),
+    ("SEND", {"destination": ""}),
+    ("SEND", {}),
+    ("SEND", {"destination": "/temp-queue/mine"}),
+    ("SUBSCRIBE", {"destination": "/temp-queue/mine", "id": "1"}),
+    ("SEND", {"destination": "/temp-queue/mine"}),
+    ("SEND", {"destination": "/temp-queue/mine"}),
+    ("SEND", {"destination": "/reply-queue/s1.back"}),
+    ("SEND", {"destination": "no-prefix"}),
+    ("BEGIN", {"transaction": "t"}),
+    ("SEND", {"destination": "/queue/a", "transaction": "t"}),
+    ("SEND", {"destination": "/queue/a", "transaction": "t"}),  # past max_transaction_frames
+    ("SEND", {"destination": "/queue/a", "transaction": "zz"}),
+    ("SEND", {"destination": "/queue/a", "transaction": "t", "expires": "x"}),
+    ("SEND", {"destination": "/topic/t", "transaction": "t"}),
+    ("COMMIT", {"transaction": "t"}),
+    ("SEND", {"destination": "/queue/c"}),  # past max_destinations
+    ("SEND", {"destination": "/queue/a"}),
+]
+
+
+def _run_sends(
+    *, routed_by_check: bool, acl: bool, principal: Principal, **limits: Any
+) -> list[object]:
+    router = Router(default_destination_type="queue")
+    security = Security(acl=parse_users(users_doc()).acl if acl else None, **limits)
+    subscriber = Sink()
+    router.subscribe(
+        router.connect("s0", "1.2", subscriber),
+        frame("SUBSCRIBE", destination="/topic/t", id="0"),
+    )
+    connection = router.connect("s1", "1.2", Sink())
+    handlers = frame_handlers(router)
+    seen: list[object] = []
+    for command, headers in SEND_STEPS:
+        sent = Frame(command, tuple(headers.items()), b"body")
+        try:
+            if routed_by_check:  # as the session does
+                check = security.checks.get(command)
+                if check is None or not check(router, connection, principal, sent):
+                    handlers[command](connection, sent)
+            else:
+                security.check(router, connection, principal, sent)
+                handlers[command](connection, sent)
+        except Refused as exc:
+            seen.append(("refused", str(exc), exc.reason))
+        except RemoteProtocolError as exc:
+            seen.append(("error", str(exc)))
+        else:
+            seen.append("ok")
+        seen.append(
+            (
+                {name: getattr(router.counters, name) for name in router.counters.__slots__},
+                dict(security.counters.limits),
+                security.counters.access_refused,
+                {
+                    name: [(m.message_id, m.sender_headers, m.body) for m in queue.messages]
+                    for name, queue in router.queues.items()
+                },
+                sorted(router.topics),
+                list(subscriber.data),
+            )
+        )
+    return seen
+
+
+@pytest.mark.parametrize("acl", [False, True])
+@pytest.mark.parametrize("principal", [ANONYMOUS, Principal("alice", {"publishers"})])
+@pytest.mark.parametrize(
+    "limits",
+    [
+        {},
+        {"max_queue_depth": 2, "max_transaction_frames": 1, "max_destinations": 6},
+        {"max_queue_depth": 2, "queue_full_policy": "drop-oldest"},
+        {"max_queue_depth": 1, "max_destinations": 2},
+    ],
+)
+def test_the_send_check_that_routes_agrees_with_check_then_send(
+    acl: bool, principal: Principal, limits: dict[str, Any]
+) -> None:
+    reference = _run_sends(routed_by_check=False, acl=acl, principal=principal, **limits)
+    assert _run_sends(routed_by_check=True, acl=acl, principal=principal, **limits) == reference
+    assert "ok" in reference
+
+
+def test_the_send_check_routes_the_common_cases_itself() -> None:
+    router, security, connection = setup()
+    security.acl = AccessControl()
+    send = frame("SEND", destination="/queue/q")
+    assert security.checks["SEND"](router, connection, ANONYMOUS, send) is False  # new queue
+    router.send(connection, send)
+    assert security.checks["SEND"](router, connection, ANONYMOUS, send) is True
+    assert router.counters.queued == 2
+    topic = frame("SEND", destination="/topic/t")
+    assert security.checks["SEND"](router, connection, ANONYMOUS, topic) is True
+    assert router.counters.unrouted == 1
+    # Never with access rules, nor in a transaction: checked only, routed by the caller.
+    security.acl = parse_users(users_doc()).acl
+    alice = Principal("alice", {"publishers"})
+    for send in (frame("SEND", destination="/topic/public"),):
+        assert security.checks["SEND"](router, connection, alice, send) is False
+    security.acl = AccessControl()
+    router.begin(connection, frame("BEGIN", transaction="t"))
+    send = frame("SEND", destination="/queue/q", transaction="t")
+    assert security.checks["SEND"](router, connection, ANONYMOUS, send) is False
+    # check() itself never routes.
+    security.check(router, connection, ANONYMOUS, frame("SEND", destination="/queue/q"))
+    assert router.counters.queued == 2

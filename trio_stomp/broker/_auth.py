@@ -17,7 +17,8 @@ consults at three points:
   once any rule exists) and the per-connection limits (subscriptions, transactions, frames
   per transaction, queue depth, destinations). A refusal raises :class:`Refused`, a
   :class:`~trio_stomp.RemoteProtocolError` whose message the session puts in an ERROR frame
-  before closing the connection.
+  before closing the connection. The session calls :attr:`Security.checks`, whose SEND
+  check also routes the common cases (one look-up of the destination for both).
 
 Hashing is slow on purpose (scrypt, ~70 ms here): it runs in Trio's worker threads through
 ``trio.to_thread.run_sync`` under a :class:`trio.CapacityLimiter` of one, so a flood of
@@ -734,14 +735,22 @@ class Security:
         self.queue_full_policy = queue_full_policy
         self.max_destinations = max_destinations
         self.counters = SecurityCounters()
-        #: The check of each command that has one (what :meth:`check` runs); a session
-        #: looks a frame's check up here itself (one call fewer per frame).
-        self.checks: dict[str, Callable[[Router, Connection, Principal, Frame], None]] = {
+        # The check of each command that has one (what :meth:`check` runs).
+        self._checks: dict[str, Callable[[Router, Connection, Principal, Frame], None]] = {
             "SEND": self._check_send,
             "SUBSCRIBE": self._check_subscribe,
             "BEGIN": self._check_begin,
             "ACK": self._check_ack,
             "NACK": self._check_ack,
+        }
+        #: What a session calls for a command that has a check, before the router's
+        #: handler (it looks the check up here itself: one call fewer per frame). Each
+        #: raises as :meth:`check` does; one that returns True has also applied the frame,
+        #: and the session skips the handler: a SEND is checked and, in the common cases,
+        #: routed by one call that looks its destination up once (:meth:`_send`).
+        self.checks: dict[str, Callable[[Router, Connection, Principal, Frame], object]] = {
+            **self._checks,
+            "SEND": self._send,
         }
         self._connections = 0
         # address -> connections open from it (entries vanish at zero: bounded by the
@@ -844,7 +853,7 @@ class Security:
         Raises:
           Refused: ``access refused``, or a message naming the limit.
         """
-        check = self.checks.get(frame.command)
+        check = self._checks.get(frame.command)
         if check is not None:
             check(router, connection, principal, frame)
 
@@ -888,6 +897,34 @@ class Security:
                 f"transaction {transaction!r} already holds {self.max_transaction_frames} frames",
             )
 
+    def _send(
+        self, router: Router, connection: Connection, principal: Principal, frame: Frame
+    ) -> bool:
+        """Check a SEND and, in the common cases, route it: True when it did both.
+
+        Without access rules or a ``transaction``, a SEND to an existing queue has only
+        the queue depth to check, and one to a topic nothing (a topic holds no message
+        and a SEND never creates one): those are routed from here, with the destination
+        and the queue looked up once for both. Anything else is checked by
+        :meth:`_check_send` (same checks, same order) and left to the caller to route.
+        """
+        headers = frame.headers
+        first = headers._first or headers.first  # decoded once: the router reads it too
+        destination = first.get("destination")
+        if destination and "transaction" not in first and not self.acl.rules:
+            if destination.startswith(QUEUE_PREFIX):
+                queue = router.queues.get(destination)
+                if queue is not None:
+                    if len(queue.messages) >= self.max_queue_depth:
+                        self._queue_full(router, queue, destination)
+                    router.send_to_queue(connection, frame, queue)
+                    return True
+            elif destination.startswith(TOPIC_PREFIX):
+                router.send(connection, frame)
+                return True
+        self._check_send(router, connection, principal, frame)
+        return False
+
     def _check_send(
         self, router: Router, connection: Connection, principal: Principal, frame: Frame
     ) -> None:
@@ -908,14 +945,19 @@ class Security:
             self._authorize(router, connection, principal, destination, "write")
             queue = _existing_queue(router, connection, destination)
         if queue is not None and len(queue.messages) >= self.max_queue_depth:
-            if self.queue_full_policy == "drop-oldest":
-                router.drop_oldest(queue)  # also removes a persistent message's stored copy
-                self.counters.limits["max_queue_depth"] += 1
-                return
-            self._limit(
-                "max_queue_depth",
-                f"queue {destination} holds {self.max_queue_depth} messages",
-            )
+            self._queue_full(router, queue, destination)
+
+    def _queue_full(self, router: Router, queue: Queue, destination: str) -> None:
+        """A SEND to ``queue``, which holds ``max_queue_depth`` messages: make room by the
+        ``drop-oldest`` policy, or refuse."""
+        if self.queue_full_policy == "drop-oldest":
+            router.drop_oldest(queue)  # also removes a persistent message's stored copy
+            self.counters.limits["max_queue_depth"] += 1
+            return
+        self._limit(
+            "max_queue_depth",
+            f"queue {destination} holds {self.max_queue_depth} messages",
+        )
 
     def _authorize(
         self,

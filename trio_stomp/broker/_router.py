@@ -308,9 +308,28 @@ class Router:
             return
         self._publish(connection, frame, destination)
 
-    def _publish(self, connection: Connection, frame: Frame, name: str) -> None:
-        if name.startswith(QUEUE_PREFIX):
-            target: Queue | Topic | None = self._queue(name)
+    def send_to_queue(self, connection: Connection, frame: Frame, queue: Queue) -> None:
+        """Apply a SEND without a ``transaction`` whose ``destination`` names ``queue``, an
+        existing queue: :meth:`send` for a caller that looked those up already (the
+        security check, which needs them too).
+
+        Raises:
+          RemoteProtocolError: as :meth:`send`.
+        """
+        name = queue.name
+        if name in _BARE_PREFIXES:
+            self._check_name(name)  # raises
+        self._publish(connection, frame, name, queue)
+
+    def _publish(
+        self, connection: Connection, frame: Frame, name: str, queue: Queue | None = None
+    ) -> None:
+        """Publish ``frame`` to destination ``name`` (``queue``: the queue it names, if the
+        caller has it)."""
+        if queue is not None:
+            target: Queue | Topic | None = queue
+        elif name.startswith(QUEUE_PREFIX):
+            target = self._queue(name)
         else:
             target = self._resolve(connection, name, subscribe=False, checked=True)
         counters = self.counters

@@ -347,10 +347,12 @@ class Session:
                         if frame.body and command not in _BODY_COMMANDS:
                             raise RemoteProtocolError(f"a {command} frame must not have a body")
                         check = checks.get(command)
-                        if check is not None:
+                        if check is None:
+                            handler(connection, frame)
+                        else:
                             assert principal is not None
-                            check(router, connection, principal, frame)
-                        handler(connection, frame)
+                            if not check(router, connection, principal, frame):
+                                handler(connection, frame)  # (True: the check applied it)
                     except RemoteProtocolError as exc:
                         await self._error(str(exc), frame)
                         return

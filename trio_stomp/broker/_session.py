@@ -356,7 +356,9 @@ class Session:
                     except RemoteProtocolError as exc:
                         await self._error(str(exc), frame)
                         return
-                    receipt = frame.headers.get("receipt")
+                    headers = frame.headers
+                    first = headers._first  # decoded (SEND, ACK): a dict lookup, no call
+                    receipt = headers.get("receipt") if first is None else first.get("receipt")
                     if receipt is not None:
                         self._control(peer, Frame("RECEIPT", (("receipt-id", receipt),)))
                     if self._stop_reason is not None:

@@ -204,6 +204,7 @@ class Peer(trio.abc.AsyncResource):
     _expect_every: float
     _last_sent: float
     _last_received: float
+    _clock: trio.abc.Clock
     _timer_started: bool
     _timer_sleep: trio.CancelScope | None
     # lifetime
@@ -271,7 +272,9 @@ class Peer(trio.abc.AsyncResource):
         self._reader_stalled = False
         self._reading = False
         self._read_scope = None
-        now = trio.current_time()
+        # The run's clock, bound once: ``trio.current_time()`` is three calls, this one.
+        self._clock = trio.lowlevel.current_clock()
+        now = self._clock.current_time()
         self._send_every = 0.0
         self._expect_every = 0.0
         self._last_sent = now
@@ -522,7 +525,7 @@ class Peer(trio.abc.AsyncResource):
     def _wrote(self, n: int) -> None:
         self._written_total += n
         self._bytes_out += n
-        self._last_sent = trio.current_time()
+        self._last_sent = self._clock.current_time()
         progress = self._progress
         if progress is not None:
             self._progress = None
@@ -672,7 +675,9 @@ class Peer(trio.abc.AsyncResource):
             # Write what the last batch queued before reading, not after.
             end_of_round.write()
         # The silence before this call was ours (see "Inline reading").
-        self._last_received = max(self._last_received, trio.current_time())
+        now = self._clock.current_time()
+        if now > self._last_received:
+            self._last_received = now
         data: bytes | bytearray
         sock = self._socket
         while sock is not None:
@@ -685,7 +690,7 @@ class Peer(trio.abc.AsyncResource):
                 continue
             self._reading = True
             try:
-                await trio.lowlevel.wait_readable(sock)
+                await trio.lowlevel.wait_readable(fd)  # (the fd: no second fileno())
                 data = os.read(fd, RECEIVE_SIZE)
             except BlockingIOError:
                 continue
@@ -765,7 +770,7 @@ class Peer(trio.abc.AsyncResource):
         Returns the frames it completed (possibly none), or ``None`` when the peer is now
         broken: end of stream or a protocol error, recorded for ``receive()`` to raise.
         """
-        self._last_received = trio.current_time()
+        self._last_received = self._clock.current_time()
         if data.__class__ is not bytes:
             data = bytes(data)  # e.g. a bytearray from a memory stream
         try:

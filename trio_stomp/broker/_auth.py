@@ -902,11 +902,12 @@ class Security:
     ) -> bool:
         """Check a SEND and, in the common cases, route it: True when it did both.
 
-        Without access rules or a ``transaction``, a SEND to an existing queue has only
-        the queue depth to check, and one to a topic nothing (a topic holds no message
-        and a SEND never creates one): those are routed from here, with the destination
-        and the queue looked up once for both. Anything else is checked by
-        :meth:`_check_send` (same checks, same order) and left to the caller to route.
+        Without access rules or a ``transaction``, a SEND to an existing queue or to a
+        reply queue that exists (writable by whoever holds its name) has only the queue
+        depth to check, and one to a topic nothing (a topic holds no message and a SEND
+        never creates one): those are routed from here, with the destination and the
+        queue looked up once for both. Anything else is checked by :meth:`_check_send`
+        (same checks, same order) and left to the caller to route.
         """
         headers = frame.headers
         first = headers._first or headers.first  # decoded once: the router reads it too
@@ -917,11 +918,19 @@ class Security:
                 if queue is not None:
                     if len(queue.messages) >= self.max_queue_depth:
                         self._queue_full(router, queue, destination)
-                    router.send_to_queue(connection, frame, queue)
+                    router.send_to_queue(connection, frame, queue, destination)
                     return True
             elif destination.startswith(TOPIC_PREFIX):
                 router.send(connection, frame)
                 return True
+            elif destination.startswith(REPLY_QUEUE_PREFIX):
+                # The reply hop of request/reply (see _authorize and _existing_queue).
+                queue = router.reply_queues.get(destination)
+                if queue is not None:
+                    if len(queue.messages) >= self.max_queue_depth:
+                        self._queue_full(router, queue, destination)
+                    router.send_to_queue(connection, frame, queue, destination)
+                    return True
         self._check_send(router, connection, principal, frame)
         return False
 

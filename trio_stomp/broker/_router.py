@@ -308,18 +308,19 @@ class Router:
             return
         self._publish(connection, frame, destination)
 
-    def send_to_queue(self, connection: Connection, frame: Frame, queue: Queue) -> None:
+    def send_to_queue(
+        self, connection: Connection, frame: Frame, queue: Queue, destination: str
+    ) -> None:
         """Apply a SEND without a ``transaction`` whose ``destination`` names ``queue``, an
-        existing queue: :meth:`send` for a caller that looked those up already (the
-        security check, which needs them too).
+        existing queue (or reply queue): :meth:`send` for a caller that looked those up
+        already (the security check, which needs them too).
 
         Raises:
           RemoteProtocolError: as :meth:`send`.
         """
-        name = queue.name
-        if name in _BARE_PREFIXES:
-            self._check_name(name)  # raises
-        self._publish(connection, frame, name, queue)
+        if destination in _BARE_PREFIXES:
+            self._check_name(destination)  # raises
+        self._publish(connection, frame, destination, queue)
 
     def _publish(
         self, connection: Connection, frame: Frame, name: str, queue: Queue | None = None

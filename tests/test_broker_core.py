@@ -651,3 +651,54 @@ def test_a_repeated_send_head_is_routed_exactly_as_a_fresh_one(
     assert [body for _, body in planned] == bodies_sent
     assert planned == fresh
     assert all(("user-id", "alice") in headers for headers, _ in planned)
+
+
+@pytest.mark.parametrize("version", ["1.0", "1.2"])
+def test_repeated_request_and_reply_heads_are_routed_exactly_as_fresh_ones(
+    version: str,
+) -> None:
+    """Request/reply with repeated heads: the request's ``reply-to`` (rewritten per
+    connection) and the reply sent to the ``/reply-queue/`` name it became both take the
+    SendPlan, and deliver what hand-made frames (never planned) deliver, message-id
+    aside; a reply queue whose owner left drops later replies, plan or not."""
+    bodies_sent = [b"one", b"two", b"six"]
+
+    def deliveries(parsed: bool) -> list[list[tuple[tuple[tuple[str, str], ...], bytes]]]:
+        router = Router()
+        requester, requests_back = connect(router, "req", version)
+        responder, requests = connect(router, "resp", version)
+        sub(router, responder, "/queue/rr", "s")
+        sub(router, requester, "/temp-queue/rr", "t")
+
+        def feed(conn: Connection, wire: bytes) -> None:
+            for frame in FrameParser().feed(wire):
+                if isinstance(frame, Frame):
+                    if not parsed:
+                        frame = Frame(frame.command, list(frame.headers.raw), frame.body)
+                    router.send(conn, frame)
+
+        head = b"SEND\ndestination:/queue/rr\nreply-to:/temp-queue/rr\ncontent-length:%d\n\n"
+        feed(requester, b"".join(head % len(body) + body + b"\0" for body in bodies_sent))
+        got = requests.take()
+        reply_to = got[0].headers["reply-to"]
+        assert reply_to.startswith("/reply-queue/")
+        head = b"SEND\ndestination:%s\ncontent-length:%%d\n\n" % reply_to.encode()
+        feed(responder, b"".join(head % len(body) + body + b"\0" for body in bodies_sent))
+        if parsed:
+            assert requester.send_plan is not None and responder.send_plan is not None
+        replies = requests_back.take()
+        router.disconnect(requester)
+        feed(responder, head % 4 + b"late\0")  # the reply queue is gone: dropped
+        assert router.counters.dropped == 1
+        return [
+            [
+                (tuple(pair for pair in msg.headers.raw if pair[0] != "message-id"), msg.body)
+                for msg in msgs
+            ]
+            for msgs in (got, replies)
+        ]
+
+    planned, fresh = deliveries(parsed=True), deliveries(parsed=False)
+    assert [[body for _, body in msgs] for msgs in planned] == [bodies_sent, bodies_sent]
+    assert planned == fresh
+    assert all(("destination", "/temp-queue/rr") in headers for headers, _ in planned[1])

@@ -312,20 +312,23 @@ def subscription_prefix(subscription_id: str, version: str) -> bytes:
 
 class SendPlan:
     """What a SEND head means, worked out once for the frames that repeat it: the
-    sender's headers to pass through and the MESSAGE bytes between message-id and
-    content-length (None when they need escaping). Only for heads without ``expires``,
-    ``reply-to``, ``persistent`` or ``transaction`` and with no per-destination settings
-    (each of those depends on more than the head)."""
+    sender's headers to pass through (a ``reply-to`` already rewritten: a plan belongs to
+    one connection) and the MESSAGE bytes between message-id and content-length (None
+    when they need escaping), for the destination it resolved to. Only for heads without
+    ``expires``, ``persistent``, ``receipt`` or ``transaction`` and with no
+    per-destination settings (each of those depends on more than the head)."""
 
-    __slots__ = ("first", "middle", "passthrough")
+    __slots__ = ("destination", "first", "middle", "passthrough")
 
     def __init__(
         self,
         first: dict[str, str],
+        destination: str,
         passthrough: tuple[tuple[str, str], ...],
         middle: bytes | None,
     ) -> None:
         self.first = first  # the head's decoded dict, shared by frames with that head
+        self.destination = destination  # the name of the queue or topic it resolved to
         self.passthrough = passthrough
         self.middle = middle
 

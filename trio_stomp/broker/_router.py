@@ -346,9 +346,16 @@ class Router:
         headers = frame.headers
         first = headers._first or headers.first
         plan = connection.send_plan
-        if plan is not None and plan.first is first and target is not None:
+        if (
+            plan is not None
+            and plan.first is first
+            and target is not None
+            and target.name == plan.destination
+        ):
             # The same head as this connection's last plain SEND (the decode cache hands
-            # out one dict per head): no expiry, settings or persistence to work out.
+            # out one dict per head), to the same destination: no expiry, settings,
+            # persistence or reply-to to work out (a reply-to's temp queue, made by the
+            # first such SEND, lives as long as this connection).
             self._message_counter += 1
             message_id = f"{self._id_prefix}{self._message_counter}"
             message = Message(message_id, target.name, plan.passthrough, frame.body)
@@ -393,16 +400,17 @@ class Router:
                 return
         assert target is not None
         if (
-            target.name == name
-            and self._settings_for is None
+            self._settings_for is None
             and "expires" not in first
-            and "reply-to" not in first
             and "persistent" not in first
             and "receipt" not in first  # a receipt id makes the head unique: never repeats
         ):
             # Frames repeating this head can skip the work above (see SendPlan).
             connection.send_plan = SendPlan(
-                first, message.sender_headers, plain_middle(name, message.sender_headers)
+                first,
+                target.name,
+                message.sender_headers,
+                plain_middle(target.name, message.sender_headers),
             )
         if persistent and isinstance(target, Queue) and target.owner is None:
             assert self.journal is not None

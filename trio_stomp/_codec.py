@@ -217,7 +217,9 @@ class FrameParser:
         else:
             buffer = data
         try:
-            self._buffer = self._parse(buffer, events)
+            self._buffer = self._parse_frames(buffer, events)
+        except UnicodeDecodeError as exc:
+            raise self._fail(f"frame headers are not valid UTF-8: {exc}") from None
         except RemoteProtocolError as exc:
             raise self._fail(str(exc)) from None
         return events
@@ -265,19 +267,14 @@ class FrameParser:
         self._body_have = 0
         return rest
 
-    def _parse(self, buffer: bytes, events: list[Event]) -> bytes:
-        """Parse complete frames out of ``buffer``; return the unconsumed tail."""
-        try:
-            return self._parse_frames(buffer, events)
-        except UnicodeDecodeError as exc:
-            raise RemoteProtocolError(f"frame headers are not valid UTF-8: {exc}") from None
-
     def _parse_frames(self, buffer: bytes, events: list[Event]) -> bytes:
+        """Parse complete frames out of ``buffer``; return the unconsumed tail. (A head
+        that is not UTF-8 raises UnicodeDecodeError: :meth:`feed` reports it.)"""
         # The per-frame hot path: everything a common frame needs is inline, and anything
         # unusual (an unknown command, an escape, a head large enough to break a limit)
         # goes through _parse_head.
         end_of_buffer = len(buffer)
-        has_cr = b"\r" in buffer
+        has_cr = buffer.find(b"\r") >= 0  # (`in` tries an int first: an error, dearer)
         pos = 0
         append = events.append
         known = _KNOWN_COMMANDS

@@ -913,24 +913,20 @@ class Security:
         first = headers._first or headers.first  # decoded once: the router reads it too
         destination = first.get("destination")
         if destination and "transaction" not in first and not self.acl.rules:
+            queue: Queue | None = None
             if destination.startswith(QUEUE_PREFIX):
                 queue = router.queues.get(destination)
-                if queue is not None:
-                    if len(queue.messages) >= self.max_queue_depth:
-                        self._queue_full(router, queue, destination)
-                    router.send_to_queue(connection, frame, queue, destination)
-                    return True
             elif destination.startswith(TOPIC_PREFIX):
                 router.send(connection, frame)
                 return True
             elif destination.startswith(REPLY_QUEUE_PREFIX):
                 # The reply hop of request/reply (see _authorize and _existing_queue).
                 queue = router.reply_queues.get(destination)
-                if queue is not None:
-                    if len(queue.messages) >= self.max_queue_depth:
-                        self._queue_full(router, queue, destination)
-                    router.send_to_queue(connection, frame, queue, destination)
-                    return True
+            if queue is not None:
+                if len(queue.messages) >= self.max_queue_depth:
+                    self._queue_full(router, queue, destination)
+                router.send_to_queue(connection, frame, queue, destination)
+                return True
         self._check_send(router, connection, principal, frame)
         return False
 
